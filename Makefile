@@ -1,0 +1,32 @@
+# Two commands do everything: `make demo` and `make test`. Both set up .venv and data/ on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= configs/demo.yaml
+# CPU build of PyTorch unless a GPU is visible (then the default CUDA build from PyPI).
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+
+.PHONY: setup demo test data clean
+
+setup: $(VENV)/.installed data/SOURCES.json
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+data/SOURCES.json: scripts/fetch_data.py | $(VENV)/.installed
+	$(BIN)/python scripts/fetch_data.py --dest data
+
+data: data/SOURCES.json
+
+demo: setup
+	$(BIN)/athanor run $(CONFIG)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs/ .pytest_cache

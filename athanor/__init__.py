@@ -1,0 +1,3 @@
+"""athanor: raw web crawl to a trained language model on Ray, tracked in MLflow."""
+
+__version__ = "0.1.0"

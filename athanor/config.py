@@ -1,0 +1,239 @@
+"""One typed config tree for a whole run, loaded from YAML, overridden by dotted keys, hashed for skip-if-done.
+
+Every section is a pydantic model with `extra="forbid"`, so a misspelt key fails on load with an error that names
+the field (for example `train.max_stpes: Extra inputs are not permitted`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = "athanor-demo"
+    workdir: str = "runs/demo"  # every stage's output lives under here (local path or s3:// URI)
+    seed: int = 1234
+
+
+class DataConfig(_Section):
+    """Raw inputs. Relative paths are resolved against the current directory."""
+
+    html_dirs: list[str] = Field(default_factory=list)  # folders of *.html / *.htm files
+    warc_files: list[str] = Field(default_factory=list)  # WARC files or globs (.warc / .warc.gz)
+    max_docs_per_source: int | None = None  # cap for quick runs; None reads everything
+
+
+class ExtractConfig(_Section):
+    extractor: Literal["resiliparse"] = "resiliparse"
+    main_content: bool = True  # drop navigation, footers and other boilerplate
+    min_chars: int = 1  # texts shorter than this after extraction are dropped as `empty_text`
+
+
+class LangIdConfig(_Section):
+    model_path: str = "data/models/lid.176.ftz"
+    languages: list[str] = Field(default_factory=lambda: ["en"])
+    min_score: float = Field(0.65, ge=0.0, le=1.0)
+
+
+class HeuristicsConfig(_Section):
+    """Gopher-style rules (Rae et al. 2021, appendix A)."""
+
+    min_words: int = 50
+    max_words: int = 100_000
+    min_mean_word_length: float = 3.0
+    max_mean_word_length: float = 10.0
+    max_symbol_word_ratio: float = 0.1  # '#' and '...' per word
+    max_duplicate_line_fraction: float = 0.3
+
+
+class DedupConfig(_Section):
+    exact: bool = True
+    minhash: bool = True
+    ngram: int = Field(5, ge=1)  # word n-gram shingles
+    num_bands: int = Field(14, ge=1)
+    rows_per_band: int = Field(8, ge=1)
+    seed: int = 1  # datasketch's default seed, so signatures match datasketch.MinHash(num_perm, seed)
+
+    @property
+    def num_perm(self) -> int:
+        return self.num_bands * self.rows_per_band
+
+
+class QualityConfig(_Section):
+    """fastText supervised classifier: `high` files are the positive class, `low` files the negative."""
+
+    enabled: bool = True
+    high: list[str] = Field(default_factory=list)
+    low: list[str] = Field(default_factory=list)
+    threshold: float = Field(0.5, ge=0.0, le=1.0)  # keep documents whose P(high) >= threshold
+    epochs: int = 10
+    lr: float = 0.5
+    word_ngrams: int = 2
+    dim: int = 50
+    min_chars: int = 40  # training examples are paragraphs at least this long
+    valid_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+
+
+class CurateConfig(_Section):
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    langid: LangIdConfig = Field(default_factory=LangIdConfig)
+    heuristics: HeuristicsConfig = Field(default_factory=HeuristicsConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    write_dropped: bool = True  # keep rejected documents (with their reason) under curated/dropped/ for audit
+
+
+class TokenizeConfig(_Section):
+    vocab_size: int = Field(4096, ge=64)
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    sample_docs: int = Field(20_000, ge=1)  # documents drawn for tokenizer training
+    character_coverage: float = 0.9995
+    seq_len: int = Field(256, ge=8)
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)  # split by document hash
+    shard_sequences: int = Field(4096, ge=1)  # sequences per Arrow shard
+
+
+class ModelConfig(_Section):
+    """Llama-style decoder. vocab_size 0 means: take it from the trained tokenizer."""
+
+    vocab_size: int = 0
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    ffn_hidden: int | None = None  # None: 8/3 * dim rounded up to multiple_of
+    multiple_of: int = 64
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = True
+    attention: Literal["auto", "flash", "sdpa", "math"] = "auto"
+    init_std: float = 0.02
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        return self
+
+
+class TrainConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, ge=1)
+    micro_batch_size: int = Field(8, ge=1)  # sequences per worker per step
+    max_steps: int = Field(200, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 1
+    checkpoint_every: int = 100
+    seed: int = 1234
+
+
+class ClusterConfig(_Section):
+    address: str | None = None  # None: start an embedded local Ray; "auto" or ray://... joins a cluster
+    num_cpus: int | None = None  # for the embedded cluster; None lets Ray count the machine's cores
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None = None  # None: sqlite store inside the run's workdir
+    experiment: str = "athanor"
+
+
+class AthanorConfig(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some sections: a stage whose inputs hash the same can skip itself."""
+        dumped = self.model_dump(mode="json")
+        payload = {s: dumped[s] for s in sections} if sections else dumped
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys to scalar values, as MLflow params want them."""
+        return dict(_flatten(self.model_dump(mode="json")))
+
+
+class ConfigError(ValueError):
+    """A config that failed to load; the message names every bad field."""
+
+
+def _flatten(d: dict[str, Any], prefix: str = ""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _flatten(v, key + ".")
+        else:
+            yield key, v
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{p}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`train.max_steps=50` -> ("train.max_steps", 50); the value is read as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.field=value")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "<root>"
+        lines.append(f"  {where}: {e['msg']}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AthanorConfig:
+    """Read YAML (or defaults when path is None), apply `a.b=c` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        tree = loaded
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    try:
+        return AthanorConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None

@@ -1,0 +1,1 @@
+"""The decoder-only Transformer; knows nothing of the cluster."""

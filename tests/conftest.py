@@ -1,0 +1,56 @@
+"""Shared fixtures: the real sample data (fetched on first use) and one real local Ray instance per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+
+# Keep Ray quiet and small on a 2-core CI machine.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end or multi-process tests (CI runs them too)")
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - no torch means no GPU tests either
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real sample data from scripts/fetch_data.py (HTML pages, WARC, lid.176, quality corpora)."""
+    if not (DATA / "SOURCES.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_data.py"), "--dest", str(DATA)], check=True)
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray instance for the tests that need Ray but not a fresh cluster of their own."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
