@@ -119,6 +119,11 @@ class ModelConfig(_Section):
     tie_embeddings: bool = True
     attention: Literal["auto", "flash", "sdpa", "math"] = "auto"
     init_std: float = 0.02
+    moe_num_experts: int = Field(0, ge=0)  # 0: dense MLPs; >0: mixture-of-experts MLPs in the chosen layers
+    moe_top_k: int = Field(2, ge=1)  # experts per token
+    moe_every: int = Field(1, ge=1)  # layer i is MoE when (i + 1) % moe_every == 0 (1: all, 2: every second)
+    moe_capacity_factor: float | None = Field(None, gt=0)  # None: dropless; else GShard-style token dropping
+    moe_aux_loss_coef: float = Field(0.01, ge=0)  # weight of the Switch load-balancing loss added to model.loss
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
@@ -126,6 +131,8 @@ class ModelConfig(_Section):
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        if self.moe_num_experts and self.moe_top_k > self.moe_num_experts:
+            raise ValueError(f"moe_top_k ({self.moe_top_k}) exceeds moe_num_experts ({self.moe_num_experts})")
         return self
 
 
@@ -133,7 +140,8 @@ class TrainConfig(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
-    micro_batch_size: int = Field(8, ge=1)  # sequences per worker per step
+    global_batch_size: int = Field(16, ge=1)  # sequences per optimizer step, whatever the worker count
+    micro_batch_size: int = Field(8, ge=1)  # sequences per worker per forward pass (gradient accumulation fills the rest)
     max_steps: int = Field(200, ge=1)
     lr: float = Field(3e-3, gt=0)
     min_lr: float = 3e-4
@@ -145,6 +153,7 @@ class TrainConfig(_Section):
     eval_batches: int = 4
     log_every: int = 1
     checkpoint_every: int = 100
+    keep_checkpoints: int = Field(2, ge=1)
     seed: int = 1234
 
 

@@ -1,0 +1,150 @@
+"""The thin driver behind `athanor run|curate|tokenize|train`: start or join Ray, run stages, log to MLflow.
+
+Stages communicate only through the run's working folder (`RunLayout`), so each can be re-run alone. A stage
+that finds its completion marker with the same config hash skips itself; `--force` re-runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from athanor.config import AthanorConfig
+from athanor.layout import RunLayout
+
+from . import tracking
+
+log = logging.getLogger("athanor")
+
+# Which config sections each stage's output depends on (for skip-if-done).
+STAGE_INPUTS = {
+    "curate": ("data", "curate"),
+    "tokenize": ("data", "curate", "tokenize", "run"),
+}
+
+
+def init_ray(cfg: AthanorConfig) -> None:
+    """Embedded local Ray unless the config (or RAY_ADDRESS) names a cluster to join."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=True)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+def _marker(layout: RunLayout, stage: str) -> Path:
+    return layout.root / "stages" / f"{stage}.json"
+
+
+def _done(cfg: AthanorConfig, layout: RunLayout, stage: str) -> bool:
+    m = _marker(layout, stage)
+    return m.exists() and json.loads(m.read_text()).get("config_hash") == cfg.section_hash(*STAGE_INPUTS[stage])
+
+
+def _mark_done(cfg: AthanorConfig, layout: RunLayout, stage: str, seconds: float) -> None:
+    m = _marker(layout, stage)
+    m.parent.mkdir(parents=True, exist_ok=True)
+    tmp = m.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"config_hash": cfg.section_hash(*STAGE_INPUTS[stage]), "seconds": seconds}))
+    tmp.replace(m)
+
+
+@dataclass
+class RunReport:
+    run_id: str
+    tracking_uri: str
+    ui_command: str
+    stages: dict[str, float] = field(default_factory=dict)  # stage -> seconds (0 when skipped)
+    curation: dict | None = None
+    manifest: dict | None = None
+    final_checkpoint: str | None = None
+
+
+class Driver:
+    """Runs the stages of one config against its working folder and one MLflow run."""
+
+    def __init__(self, cfg: AthanorConfig, force: bool = False):
+        self.cfg = cfg
+        self.layout = RunLayout.from_workdir(cfg.run.workdir)
+        self.force = force
+        init_ray(cfg)
+        self.run_id = tracking.resolve_run(cfg, self.layout)
+        self.report = RunReport(self.run_id, tracking.tracking_uri(cfg, self.layout),
+                                tracking.ui_command(cfg, self.layout))
+        tracking.log_artifacts(self.run_id, {"config": self._write_resolved_config()})
+
+    def _write_resolved_config(self) -> Path:
+        import yaml
+
+        p = self.layout.root / "config.resolved.yaml"
+        p.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+        return p
+
+    def _skip(self, stage: str) -> bool:
+        if not self.force and _done(self.cfg, self.layout, stage):
+            log.info("stage %s: output up to date, skipped (use --force to re-run)", stage)
+            self.report.stages[stage] = 0.0
+            return True
+        return False
+
+    def curate(self) -> dict:
+        from athanor.pipelines.curate import run_curation
+
+        summary_path = self.layout.stats("curation")
+        if not self._skip("curate"):
+            t0 = time.perf_counter()
+            run_curation(self.cfg, self.layout)
+            self.report.stages["curate"] = time.perf_counter() - t0
+            _mark_done(self.cfg, self.layout, "curate", self.report.stages["curate"])
+        summary = json.loads(summary_path.read_text())
+        tracking.log_stage_stats(self.run_id, summary["stages"])
+        tracking.log_artifacts(self.run_id, {"curation": self.layout.stats_dir,
+                                             "quality": self.layout.quality_dir})
+        self.report.curation = summary
+        return summary
+
+    def tokenize(self) -> dict:
+        from athanor.pipelines.pack import pack_shards
+        from athanor.pipelines.tokenizer import train_tokenizer
+
+        if not self._skip("tokenize"):
+            t0 = time.perf_counter()
+            train_tokenizer(self.cfg, self.layout)
+            pack_shards(self.cfg, self.layout)
+            self.report.stages["tokenize"] = time.perf_counter() - t0
+            _mark_done(self.cfg, self.layout, "tokenize", self.report.stages["tokenize"])
+        manifest = json.loads(self.layout.manifest.read_text())
+        tracking.log_artifacts(self.run_id, {"tokenizer": self.layout.tokenizer_dir, "data": self.layout.manifest})
+        self.report.manifest = manifest
+        return manifest
+
+    def train(self):
+        from .train import run_training
+
+        t0 = time.perf_counter()
+        result = run_training(self.cfg, self.layout, self.run_id, self.report.tracking_uri)
+        self.report.stages["train"] = time.perf_counter() - t0
+        if result.error is not None:
+            raise result.error
+        if result.checkpoint is not None:
+            self.report.final_checkpoint = result.checkpoint.path
+            tracking.log_artifacts(self.run_id, {"checkpoint": Path(result.checkpoint.path)})
+        return result
+
+    def run_all(self) -> RunReport:
+        self.curate()
+        self.tokenize()
+        self.train()
+        return self.report

@@ -1,0 +1,106 @@
+"""MLflow tracking bound to the athanor run name, so every stage, restart and training worker logs into one run.
+
+The driver resolves the run once (looked up by name before it is created) and hands the run id to the training
+workers; only rank 0 logs from there. Without a tracking server the store is SQLite inside the run's workdir.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from athanor.config import AthanorConfig
+from athanor.layout import RunLayout
+
+RUN_NAME_TAG = "athanor.run_name"
+log = logging.getLogger(__name__)
+
+
+def tracking_uri(cfg: AthanorConfig, layout: RunLayout) -> str:
+    return cfg.mlflow.tracking_uri or f"sqlite:///{layout.mlflow_db}"
+
+
+def ui_command(cfg: AthanorConfig, layout: RunLayout) -> str:
+    """The command that opens the MLflow UI on this run's store."""
+    uri = tracking_uri(cfg, layout)
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --port 5000"
+
+
+def _experiment_id(client: MlflowClient, cfg: AthanorConfig, layout: RunLayout) -> str:
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if cfg.mlflow.tracking_uri is None:  # local store: keep artifacts beside it, not in the current directory
+        artifact_location = layout.mlflow_artifacts.as_uri()
+    return client.create_experiment(cfg.mlflow.experiment, artifact_location=artifact_location)
+
+
+def resolve_run(cfg: AthanorConfig, layout: RunLayout) -> str:
+    """Return the id of the MLflow run named after `cfg.run.name`, creating it the first time.
+
+    Params are the resolved config. MLflow params are immutable, so a re-run with a changed value keeps the
+    first value and records the new one as a `config_changed.<key>` tag instead of failing.
+    """
+    layout.root.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(cfg, layout)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp_id = _experiment_id(client, cfg, layout)
+    found = client.search_runs(
+        [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}'", max_results=2,
+        order_by=["attributes.start_time ASC"],
+    )
+    if found:
+        run = found[0]
+    else:
+        run = client.create_run(exp_id, run_name=cfg.run.name, tags={RUN_NAME_TAG: cfg.run.name})
+    run_id = run.info.run_id
+    old = run.data.params if found else {}
+    new = {k: _param_value(v) for k, v in cfg.flat().items()}
+    fresh = {k: v for k, v in new.items() if k not in old}
+    if fresh:
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_params(fresh)
+    for k, v in new.items():
+        if k in old and old[k] != v:
+            client.set_tag(run_id, f"config_changed.{k}", v)
+    layout.mlflow_run_file.write_text(run_id + "\n")
+    return run_id
+
+
+def _param_value(v: Any) -> str:
+    s = "null" if v is None else str(v)
+    return s[:6000]
+
+
+def log_stage_stats(run_id: str, stages: list[dict]) -> None:
+    """Curation counts as metrics: curate.<stage>.in / kept / dropped.<reason>."""
+    metrics: dict[str, float] = {}
+    for s in stages:
+        prefix = f"curate.{s['stage']}"
+        metrics[f"{prefix}.in"] = s["in"]
+        metrics[f"{prefix}.kept"] = s["kept"]
+        for reason, n in s.get("dropped", {}).items():
+            metrics[f"{prefix}.dropped.{reason}"] = n
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(metrics)
+
+
+def log_artifacts(run_id: str, paths: dict[str, Path]) -> None:
+    """Log files or folders under named artifact subdirectories (e.g. {"tokenizer": dir, "data": manifest})."""
+    with mlflow.start_run(run_id=run_id):
+        for artifact_path, p in paths.items():
+            p = Path(p)
+            if p.is_dir():
+                mlflow.log_artifacts(str(p), artifact_path=artifact_path)
+            elif p.exists():
+                mlflow.log_artifact(str(p), artifact_path=artifact_path)
+            else:
+                log.warning("artifact %s not found, not logged", p)
