@@ -1,0 +1,30 @@
+"""The CLI turns user mistakes into one clear line and exit code 2, never a traceback."""
+
+import subprocess
+import sys
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "athanor.cluster.cli", *args], capture_output=True, text=True)
+
+
+def test_missing_config_file():
+    p = _cli("run", "configs/does-not-exist.yaml")
+    assert p.returncode == 2
+    assert "config file not found" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bad_field_is_named(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  n_layer: 4\n")
+    p = _cli("train", str(cfg), "--set", "train.micro_batch_size=0")
+    assert p.returncode == 2
+    assert "model.n_layer" in p.stderr and "train.micro_batch_size" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_help_lists_every_stage():
+    p = _cli("--help")
+    assert p.returncode == 0
+    for cmd in ("run", "curate", "tokenize", "train", "quality"):
+        assert cmd in p.stdout

@@ -1,0 +1,104 @@
+"""`athanor run` on the smoke config, as a user runs it: a fresh process with its own embedded Ray."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _athanor(*args, cwd=ROOT, timeout=600):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "athanor.cluster.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_dir):
+    workdir = tmp_path_factory.mktemp("smoke")
+    proc = _athanor("run", "configs/smoke.yaml", "--set", f"run.workdir={workdir}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return workdir, proc.stdout
+
+
+@pytest.mark.slow
+def test_run_prints_mlflow_run_and_ui_command(smoke_run):
+    workdir, out = smoke_run
+    run_id = (workdir / "mlflow_run_id").read_text().strip()
+    assert f"MLflow run id: {run_id}" in out
+    assert f"mlflow ui --backend-store-uri sqlite:///{workdir}/mlflow.db" in out
+
+
+@pytest.mark.slow
+def test_every_curation_stage_conserves_documents(smoke_run):
+    workdir, _ = smoke_run
+    summary = json.loads((workdir / "stats" / "curation.json").read_text())
+    assert len(summary["stages"]) >= 6
+    for stage in summary["stages"]:
+        assert stage["in"] == stage["kept"] + sum(stage["dropped"].values()), stage
+    for prev, nxt in zip(summary["stages"], summary["stages"][1:]):
+        assert nxt["in"] == prev["kept"], (prev["stage"], nxt["stage"])
+    assert summary["stages"][-1]["kept"] > 20
+
+
+@pytest.mark.slow
+def test_shards_match_manifest_counts_and_checksums(smoke_run):
+    from athanor.pipelines.shards import TokenShards
+
+    workdir, _ = smoke_run
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    for split in ("train", "val"):
+        info = manifest["splits"][split]
+        shards = TokenShards(workdir, split, verify=True)
+        assert len(shards) == info["sequences"] == sum(s["sequences"] for s in info["shards"])
+        assert info["tokens"] == sum(s["tokens"] for s in info["shards"])
+        for s in info["shards"]:
+            assert hashlib.sha256((workdir / s["path"]).read_bytes()).hexdigest() == s["sha256"]
+        if len(shards):
+            seq = shards[len(shards) - 1]
+            assert seq.shape == (manifest["seq_len"] + 1,)
+            assert int(seq.max()) < manifest["vocab_size"]
+    assert manifest["splits"]["train"]["sequences"] > 0
+
+
+@pytest.mark.slow
+def test_mlflow_run_has_per_step_metrics_and_falling_loss(smoke_run):
+    from mlflow.tracking import MlflowClient
+
+    workdir, _ = smoke_run
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    exp = client.get_experiment_by_name("athanor-smoke")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    max_steps = int(run.data.params["train.max_steps"])
+    for name in ("loss", "lr", "grad_norm", "tokens_per_s"):
+        history = client.get_metric_history(run.info.run_id, name)
+        assert sorted(m.step for m in history) == list(range(1, max_steps + 1)), name
+    loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
+    first, last = sum(loss[:5]) / 5, sum(loss[-5:]) / 5
+    assert last < first - 1.0, (first, last)
+    assert "curate.read.in" in run.data.metrics and "curate.quality.kept" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config", "tokenizer", "data", "checkpoint", "curation"} <= artifacts
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_stage_skips_and_keeps_one_mlflow_run(smoke_run):
+    workdir, _ = smoke_run
+    before = (workdir / "manifest.json").read_bytes()
+    proc = _athanor("tokenize", "configs/smoke.yaml", "--set", f"run.workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage seconds: tokenize=0.0" in proc.stdout
+    assert (workdir / "manifest.json").read_bytes() == before
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    exp = client.get_experiment_by_name("athanor-smoke")
+    assert len(client.search_runs([exp.experiment_id])) == 1
