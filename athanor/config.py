@@ -101,6 +101,7 @@ class TokenizeConfig(_Section):
     seq_len: int = Field(256, ge=8)
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)  # split by document hash
     shard_sequences: int = Field(4096, ge=1)  # sequences per Arrow shard
+    encode_actors: int = Field(2, ge=1)  # Ray Data actor pool size for encoding (each loads the tokenizer once)
 
 
 class ModelConfig(_Section):
