@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -40,3 +41,25 @@ def write_curated(folder: Path, docs: list[tuple[str, str]], files: int = 2) -> 
         )
         pq.write_table(table, folder / f"part-{k:03d}.parquet")
     return folder
+
+
+PACK_CONFIG = {
+    "run": {"seed": 11},
+    "tokenize": {"vocab_size": 800, "sample_docs": 400, "seq_len": 64, "shard_sequences": 500, "val_fraction": 0.1},
+}
+
+
+@functools.cache
+def packed_run(root: Path, data_dir: Path) -> Path:
+    """A workdir with the real corpus curated, a trained tokenizer and packed shards; built once per session."""
+    from athanor.config import AthanorConfig
+    from athanor.layout import RunLayout
+    from athanor.pipelines.pack import pack_shards
+    from athanor.pipelines.tokenizer import train_tokenizer
+
+    cfg = AthanorConfig.model_validate(PACK_CONFIG)
+    layout = RunLayout.from_workdir(root / "packed")
+    write_curated(layout.curated("final"), real_documents(data_dir))
+    train_tokenizer(cfg, layout)
+    pack_shards(cfg, layout)
+    return layout.root

@@ -1,0 +1,211 @@
+"""Encode `curated/final` in a Ray Data actor pool and pack it into fixed windows of seq_len + 1 tokens.
+
+Each document becomes `BOS tokens EOS`: EOS teaches the model where a document ends, and BOS gives every document
+the same opening context it will see at inference (Llama-style prompts start with BOS). Documents are concatenated
+in doc_id order and cut into non-overlapping windows (inputs = w[:-1], targets = w[1:]), so the same corpus and
+config give byte-identical shards however Ray scheduled the work. Train and validation are split by a seeded hash of
+doc_id, so no document lands in both. Only each split's final partial window is dropped, and its tokens are counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+import xxhash
+
+from athanor.config import AthanorConfig
+from athanor.layout import RunLayout
+from athanor.pipelines.shards import MANIFEST_FORMAT, SPLITS, fingerprint, token_dtype, write_shard
+from athanor.pipelines.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def is_validation(doc_id: str, seed: int, val_fraction: float) -> bool:
+    """Seeded hash split; salted so it is independent of the tokenizer's sample, which hashes doc_id unsalted."""
+    return xxhash.xxh64_intdigest(b"split\0" + doc_id.encode("utf-8"), seed=seed) < val_fraction * 2**64
+
+
+class EncodeDocuments:
+    """Ray Data class UDF: each actor loads the tokenizer once in __init__, then encodes batch after batch."""
+
+    def __init__(self, model_path: str, seed: int, val_fraction: float):
+        self.tokenizer = Tokenizer(model_path)
+        self.seed = seed
+        self.val_fraction = val_fraction
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        doc_ids = batch.column("doc_id").to_pylist()
+        texts = batch.column("text").to_pylist()
+        reasons = [
+            "missing_doc_id" if d is None else "empty_text" if t is None or not t.strip() else None
+            for d, t in zip(doc_ids, texts)
+        ]
+        encoded = self.tokenizer.encode([t if r is None else "" for t, r in zip(texts, reasons)])
+        lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.fromiter((t for ids in encoded for t in ids), dtype=np.int32, count=int(offsets[-1]))
+        return pa.table(
+            {
+                "doc_id": pa.array([d or "" for d in doc_ids], pa.string()),
+                # Breaks ties between equal doc_ids by content, so even duplicates sort the same every run.
+                "text_hash": pa.array([xxhash.xxh64_hexdigest((t or "").encode("utf-8")) for t in texts], pa.string()),
+                "split": pa.array(
+                    [None if r else "val" if is_validation(d, self.seed, self.val_fraction) else "train"
+                     for d, r in zip(doc_ids, reasons)],
+                    pa.string(),
+                ),
+                "drop_reason": pa.array(reasons, pa.string()),
+                "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+            }
+        )
+
+
+class _Packer:
+    """Streams `BOS doc EOS` sequences into windows of `width` tokens, writing a shard every `shard_sequences`."""
+
+    def __init__(self, root: Path, split: str, width: int, shard_sequences: int, dtype: np.dtype, bos: int, eos: int):
+        self.root, self.split, self.width, self.shard_sequences = root, split, width, shard_sequences
+        self.dtype, self.bos, self.eos = dtype, bos, eos
+        self.out_dir = RunLayout(root).shards(split)
+        self._chunks: list[np.ndarray] = []
+        self._starts: list[int] = []  # document starts, as positions in the buffered stream
+        self._buffered = 0
+        self.documents = 0
+        self.shards: list[dict] = []
+
+    def add(self, tokens: np.ndarray) -> None:
+        doc = np.empty(len(tokens) + 2, dtype=self.dtype)
+        doc[0], doc[1:-1], doc[-1] = self.bos, tokens, self.eos
+        self._starts.append(self._buffered)
+        self._chunks.append(doc)
+        self._buffered += len(doc)
+        self.documents += 1
+        while self._buffered >= self.width * self.shard_sequences:
+            self._write(self.shard_sequences)
+
+    def _write(self, n: int) -> None:
+        stream = np.concatenate(self._chunks)
+        cut = n * self.width
+        starts = np.asarray(self._starts, dtype=np.int64)
+        inside = starts[starts < cut]
+        offsets = np.searchsorted(inside // self.width, np.arange(n + 1), side="left")
+        path = self.out_dir / f"shard-{len(self.shards):05d}.arrow"
+        entry = write_shard(path, stream[:cut].reshape(n, self.width), offsets, inside % self.width)
+        entry["path"] = str(path.relative_to(self.root))
+        self.shards.append(entry)
+        self._chunks = [stream[cut:]]
+        self._starts = (starts[starts >= cut] - cut).tolist()
+        self._buffered -= cut
+
+    def finish(self) -> dict:
+        """Write the last, shorter shard of whole windows; the final partial window is dropped and counted."""
+        if self._buffered >= self.width:
+            self._write(self._buffered // self.width)
+        sha256s = [s["sha256"] for s in self.shards]
+        return {
+            "sequences": sum(s["sequences"] for s in self.shards),
+            "tokens": sum(s["tokens"] for s in self.shards),
+            "documents": self.documents,
+            "dropped_tail_tokens": self._buffered,
+            "fingerprint": fingerprint(sha256s),
+            "shards": self.shards,
+        }
+
+
+def _clear_previous(layout: RunLayout) -> None:
+    """A re-run must not leave stale shards beside new ones; the manifest goes first so no reader sees a mix."""
+    layout.manifest.unlink(missing_ok=True)
+    for split in SPLITS:
+        out = layout.shards(split)
+        out.mkdir(parents=True, exist_ok=True)
+        for old in [*out.glob("*.arrow"), *out.glob(".*.tmp")]:
+            old.unlink()
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def pack_shards(cfg: AthanorConfig, layout: RunLayout) -> dict:
+    """Tokenize `curated/final` into train/val Arrow shards and write the manifest; returns the manifest."""
+    tc = cfg.tokenize
+    tokenizer = Tokenizer(layout.tokenizer_model)
+    files = sorted(layout.curated("final").glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no curated Parquet files in {layout.curated('final')} (run curation first)")
+    encoded = ray.data.read_parquet([str(f) for f in files]).select_columns(["doc_id", "text"]).map_batches(
+        EncodeDocuments,
+        fn_constructor_kwargs={
+            "model_path": str(layout.tokenizer_model),
+            "seed": cfg.run.seed,
+            "val_fraction": tc.val_fraction,
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=tc.encode_actors),
+        batch_format="pyarrow",
+        batch_size=256,
+    )
+    encoded.context.default_hash_shuffle_parallelism = len(files)  # one sort partition per curated file
+    ordered = encoded.sort(["doc_id", "text_hash"])
+    ordered.context.execution_options.preserve_order = True  # stream partitions to the packer in key order
+
+    _clear_previous(layout)
+    dtype = token_dtype(tokenizer.vocab_size)
+    packers = {
+        split: _Packer(layout.root, split, tc.seq_len + 1, tc.shard_sequences, dtype, tokenizer.bos_id, tokenizer.eos_id)
+        for split in SPLITS
+    }
+    seen, dropped = 0, Counter()
+    previous: tuple[str, str] | None = None
+    for batch in ordered.iter_batches(batch_format="pyarrow", batch_size=None):
+        doc_ids = batch.column("doc_id").to_pylist()
+        hashes = batch.column("text_hash").to_pylist()
+        splits = batch.column("split").to_pylist()
+        reasons = batch.column("drop_reason").to_pylist()
+        tokens = batch.column("tokens").combine_chunks()
+        offsets = tokens.offsets.to_numpy()
+        flat = tokens.values.to_numpy()
+        for i, (doc_id, text_hash, split, reason) in enumerate(zip(doc_ids, hashes, splits, reasons)):
+            seen += 1
+            key = (doc_id, text_hash)
+            if previous is not None and key < previous:
+                raise RuntimeError(f"documents reached the packer out of doc_id order ({key} after {previous})")
+            if reason is None and previous is not None and doc_id == previous[0]:
+                reason = "duplicate_doc_id"  # the first copy by (doc_id, text hash) is kept
+            previous = key
+            if reason is not None:
+                dropped[reason] += 1
+                continue
+            packers[split].add(flat[offsets[i] : offsets[i + 1]])
+
+    splits = {split: packer.finish() for split, packer in packers.items()}
+    kept = sum(s["documents"] for s in splits.values())
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "seq_len": tc.seq_len,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": dtype.name,
+        "special_ids": {"pad": tokenizer.pad_id, "unk": tokenizer.unk_id, "bos": tokenizer.bos_id,
+                        "eos": tokenizer.eos_id},
+        "tokenizer": {"path": str(layout.tokenizer_model.relative_to(layout.root)), "sha256": tokenizer.sha256},
+        "config": {"tokenize": tc.model_dump(mode="json"), "seed": cfg.run.seed},
+        "documents": {"in": seen, "kept": kept, "dropped": dict(sorted(dropped.items()))},
+        "splits": splits,
+        "fingerprint": fingerprint([s["sha256"] for split in SPLITS for s in splits[split]["shards"]]),
+    }
+    _write_json_atomic(layout.manifest, manifest)
+    log.info(
+        "packed %d documents into %d train / %d val sequences of %d tokens (%s dropped)",
+        kept, splits["train"]["sequences"], splits["val"]["sequences"], tc.seq_len + 1, dict(dropped),
+    )
+    return manifest

@@ -1,0 +1,162 @@
+"""Token shards on disk: uncompressed Arrow IPC files, memory-mapped, with a JSON manifest of checksums.
+
+One shard is one record batch with two columns:
+  tokens      fixed_size_list<uint16 | uint32>[seq_len + 1]   one packed window per row
+  doc_starts  list<int32>                                     positions in the window where a document begins
+
+Fixed-size rows make sequence i a zero-copy slice of one flat mmap'd buffer (O(1), no parsing); doc_starts keeps
+document boundaries so document-level attention masking stays possible. The manifest records each shard's size and
+sha256, so a truncated or altered file is caught by name before any step reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from bisect import bisect_right
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from athanor.layout import RunLayout
+
+MANIFEST_FORMAT = "athanor-token-shards/1"
+SPLITS = ("train", "val")
+
+
+class ShardIntegrityError(RuntimeError):
+    """A shard or manifest on disk does not match what was written; the message names the file."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 halves the bytes of every shard whenever the vocabulary fits in it."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(sha256s: list[str]) -> str:
+    """Identity of a dataset: the hash of its shards' hashes, in order."""
+    return hashlib.sha256("\n".join(sha256s).encode()).hexdigest()
+
+
+def write_shard(path: Path, windows: np.ndarray, doc_offsets: np.ndarray, doc_starts: np.ndarray) -> dict:
+    """Write one shard atomically (temp name, then rename) and return its manifest entry (path left absolute).
+
+    `windows` is [n, seq_len + 1] tokens; row i's document starts are doc_starts[doc_offsets[i]:doc_offsets[i+1]].
+    """
+    n, width = windows.shape
+    tokens = pa.FixedSizeListArray.from_arrays(pa.array(windows.reshape(-1)), width)
+    starts = pa.ListArray.from_arrays(pa.array(doc_offsets, pa.int32()), pa.array(doc_starts, pa.int32()))
+    batch = pa.record_batch([tokens, starts], names=["tokens", "doc_starts"])
+    tmp = path.with_name(f".{path.name}.tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    os.replace(tmp, path)
+    return {
+        "path": str(path),
+        "sequences": int(n),
+        "tokens": int(n * width),
+        "documents": int(len(doc_starts)),  # documents that begin in this shard
+        "bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
+    }
+
+
+def read_manifest(workdir: str | Path) -> dict:
+    path = RunLayout.from_workdir(workdir).manifest
+    if not path.is_file():
+        raise FileNotFoundError(f"no shard manifest at {path} (run the pack stage first)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ShardIntegrityError(f"{path}: not valid JSON ({err})") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ShardIntegrityError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    return manifest
+
+
+def check_shard(path: Path, entry: dict, verify: bool) -> None:
+    """Existence and size always (a truncated file cannot be mmap'd safely); the sha256 too when `verify`."""
+    if not path.is_file():
+        raise ShardIntegrityError(f"{path}: shard listed in the manifest is missing")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise ShardIntegrityError(f"{path}: {size} bytes on disk, manifest says {entry['bytes']} (truncated?)")
+    if verify and (digest := file_sha256(path)) != entry["sha256"]:
+        raise ShardIntegrityError(f"{path}: sha256 {digest} does not match the manifest's {entry['sha256']}")
+
+
+class TokenShards:
+    """Random access to one split's packed sequences, memory-mapped: `shards[i]` is a (seq_len + 1,) array."""
+
+    def __init__(self, workdir: str | Path, split: str = "train", verify: bool = True):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        root = RunLayout.from_workdir(workdir).root
+        manifest = read_manifest(root)
+        self.split = split
+        self.seq_len: int = manifest["seq_len"]
+        self.vocab_size: int = manifest["vocab_size"]
+        self.dtype = np.dtype(manifest["dtype"])
+        self.fingerprint: str = manifest["splits"][split]["fingerprint"]
+        self._tokens: list[np.ndarray] = []
+        self._starts: list[tuple[np.ndarray, np.ndarray]] = []
+        self._first: list[int] = []  # global index of each shard's first sequence
+        total = 0
+        for entry in manifest["splits"][split]["shards"]:
+            path = root / entry["path"]
+            check_shard(path, entry, verify)
+            tokens, offsets, starts = self._map(path)
+            if tokens.shape != (entry["sequences"], self.seq_len + 1) or tokens.dtype != self.dtype:
+                raise ShardIntegrityError(
+                    f"{path}: holds {tokens.shape} {tokens.dtype} tokens, manifest says "
+                    f"({entry['sequences']}, {self.seq_len + 1}) {self.dtype}"
+                )
+            self._first.append(total)
+            self._tokens.append(tokens)
+            self._starts.append((offsets, starts))
+            total += entry["sequences"]
+        self._len = total
+
+    @staticmethod
+    def _map(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        try:
+            batch = pa.ipc.open_file(pa.memory_map(str(path))).get_batch(0)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise ShardIntegrityError(f"{path}: not a readable Arrow IPC shard ({err})") from None
+        tokens = batch.column("tokens")
+        flat = tokens.values.to_numpy(zero_copy_only=True)  # a view into the mmap, no copy
+        starts = batch.column("doc_starts")
+        return (
+            flat.reshape(len(tokens), tokens.type.list_size),
+            starts.offsets.to_numpy(zero_copy_only=True),
+            starts.values.to_numpy(zero_copy_only=True),
+        )
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < self._len:
+            raise IndexError(f"sequence {i} out of range for {self._len} {self.split} sequences")
+        shard = bisect_right(self._first, i) - 1
+        return shard, i - self._first[shard]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        shard, row = self._locate(int(i))
+        return self._tokens[shard][row]
+
+    def doc_starts(self, i: int) -> np.ndarray:
+        """Positions in sequence i where a document begins (its BOS); a window may also open mid-document."""
+        shard, row = self._locate(int(i))
+        offsets, starts = self._starts[shard]
+        return starts[offsets[row] : offsets[row + 1]]

@@ -1,0 +1,122 @@
+"""Packing real curated text into Arrow token shards: conservation of tokens, the split, determinism, the reader."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from real_corpus import PACK_CONFIG, packed_run, real_documents, write_curated
+
+from athanor.config import AthanorConfig
+from athanor.layout import RunLayout
+from athanor.pipelines.pack import is_validation, pack_shards
+from athanor.pipelines.shards import TokenShards, file_sha256, fingerprint, token_dtype
+from athanor.pipelines.tokenizer import BOS_ID, EOS_ID, Tokenizer
+
+SEQ_LEN = PACK_CONFIG["tokenize"]["seq_len"]
+SEED = PACK_CONFIG["run"]["seed"]
+
+
+@pytest.fixture(scope="module")
+def workdir(ray_local, tmp_path_factory, data_dir):
+    return packed_run(tmp_path_factory.getbasetemp(), data_dir)
+
+
+@pytest.fixture(scope="module")
+def corpus(workdir):
+    """doc_id -> text of the curated documents the shards were packed from."""
+    table = pq.read_table(RunLayout(workdir).curated("final"))
+    return dict(zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist()))
+
+
+def test_manifest_counts_checksums_and_schema(workdir, corpus):
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    assert manifest["seq_len"] == SEQ_LEN and manifest["vocab_size"] == 800 and manifest["dtype"] == "uint16"
+    assert manifest["tokenizer"]["sha256"] == file_sha256(workdir / manifest["tokenizer"]["path"])
+    assert manifest["config"]["tokenize"]["shard_sequences"] == 500
+    assert manifest["documents"] == {"in": len(corpus), "kept": len(corpus), "dropped": {}}
+    all_sha = []
+    for split in ("train", "val"):
+        info = manifest["splits"][split]
+        assert len(info["shards"]) >= 2  # several shards, the last one shorter
+        assert all(s["sequences"] == 500 for s in info["shards"][:-1]) and info["shards"][-1]["sequences"] <= 500
+        assert info["sequences"] == sum(s["sequences"] for s in info["shards"])
+        assert info["tokens"] == info["sequences"] * (SEQ_LEN + 1)
+        for s in info["shards"]:
+            path = workdir / s["path"]
+            assert path.suffix == ".arrow" and path.parent == RunLayout(workdir).shards(split)
+            assert file_sha256(path) == s["sha256"] and path.stat().st_size == s["bytes"]
+        assert info["fingerprint"] == fingerprint([s["sha256"] for s in info["shards"]])
+        all_sha += [s["sha256"] for s in info["shards"]]
+    assert manifest["fingerprint"] == fingerprint(all_sha)
+    assert not list(workdir.glob("shards/*/.*.tmp"))  # every temp file was renamed into place
+
+    with pa.memory_map(str(workdir / manifest["splits"]["train"]["shards"][0]["path"])) as source:
+        schema = pa.ipc.open_file(source).schema
+    assert schema.field("tokens").type == pa.list_(pa.uint16(), SEQ_LEN + 1)
+    assert token_dtype(800) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
+
+
+def test_every_kept_token_is_packed_once_in_doc_id_order(workdir, corpus):
+    """The train stream is exactly BOS doc EOS for each train document in doc_id order, minus the dropped tail."""
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    tok = Tokenizer(workdir / manifest["tokenizer"]["path"])
+    for split in ("train", "val"):
+        ids = sorted(d for d in corpus if is_validation(d, SEED, 0.1) == (split == "val"))
+        expected = np.concatenate([[BOS_ID, *t, EOS_ID] for t in tok.encode([corpus[d] for d in ids])])
+        shards = TokenShards(workdir, split)
+        packed = np.concatenate([shards[i] for i in range(len(shards))])
+        info = manifest["splits"][split]
+        assert info["documents"] == len(ids)
+        assert len(expected) == len(packed) + info["dropped_tail_tokens"]
+        assert info["dropped_tail_tokens"] < SEQ_LEN + 1
+        np.testing.assert_array_equal(packed, expected[: len(packed)])
+    assert 0 < manifest["splits"]["val"]["documents"] < manifest["splits"]["train"]["documents"]
+
+
+def test_reader_is_zero_copy_and_keeps_document_boundaries(workdir):
+    shards = TokenShards(workdir, "train")
+    assert shards.seq_len == SEQ_LEN and shards.vocab_size == 800
+    first = shards[0]
+    assert first.shape == (SEQ_LEN + 1,) and first.dtype == np.uint16
+    assert not first.flags.owndata and not first.flags.writeable  # a view into the memory-mapped file
+    assert first[0] == BOS_ID
+    total_starts = 0
+    for i in range(len(shards)):
+        seq, starts = shards[i], shards.doc_starts(i)
+        np.testing.assert_array_equal(starts, np.flatnonzero(seq == BOS_ID))
+        total_starts += len(starts)
+    info = json.loads((workdir / "manifest.json").read_text())["splits"]["train"]
+    assert total_starts == sum(s["documents"] for s in info["shards"])
+    assert info["documents"] - 1 <= total_starts <= info["documents"]  # a BOS may sit in the dropped tail
+    with pytest.raises(IndexError):
+        shards[len(shards)]
+
+
+def test_repacking_is_byte_identical_and_names_every_drop(workdir, data_dir, tmp_path):
+    """A different file layout plus rows the packer must drop, by name, yields the very same shards."""
+    layout = RunLayout.from_workdir(tmp_path)
+    write_curated(layout.curated("final"), real_documents(data_dir), files=3)
+    first = pq.read_table(layout.curated("final") / "part-000.parquet").slice(0, 1)
+    bad = pa.table(
+        {
+            "doc_id": [first.column("doc_id")[0].as_py(), "empty-page", "blank-page", None],
+            "text": [first.column("text")[0].as_py(), None, "  \n ", "An orphan paragraph without an id."],
+            "source": ["news_html"] * 4,
+        }
+    )
+    pq.write_table(bad, layout.curated("final") / "part-bad.parquet")
+    layout.tokenizer_dir.mkdir(parents=True)
+    shutil.copy(workdir / "tokenizer" / "tokenizer.model", layout.tokenizer_model)
+
+    manifest = pack_shards(AthanorConfig.model_validate(PACK_CONFIG), layout)
+    reference = json.loads((workdir / "manifest.json").read_text())
+    assert manifest["fingerprint"] == reference["fingerprint"]
+    assert manifest["splits"] == reference["splits"]
+    assert manifest["documents"]["dropped"] == {"duplicate_doc_id": 1, "empty_text": 2, "missing_doc_id": 1}
+    assert manifest["documents"]["in"] == reference["documents"]["in"] + 4
+    assert manifest["documents"]["in"] == manifest["documents"]["kept"] + sum(manifest["documents"]["dropped"].values())
