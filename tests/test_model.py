@@ -1,4 +1,4 @@
-"""The network: shapes, causality, RoPE, init, loss, meta-device init, and learning on real text (CPU, fp32)."""
+"""The network: shapes, causality, RoPE, init, loss, meta-device init, learning on real text; presets and FLOPs."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import math
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from athanor.config import ModelConfig
+from athanor.model.flops import flops_per_token, param_count
+from athanor.model.presets import preset, preset_num_params
 from athanor.model.transformer import Transformer, apply_rope, rope_tables
 
 
@@ -133,3 +136,34 @@ def test_learns_real_text_in_fp32_and_runs_under_bf16_autocast(alice_bytes):
     loss.backward()
     assert abs(loss.item() - losses[-1]) < 0.5
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["tiny", "125m", "350m", "1b", "7b"])
+def test_preset_param_count_matches_instantiated_model(name):
+    cfg = preset(name)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert model.num_params() == param_count(cfg)
+    assert model.num_params(exclude_embeddings=True) == param_count(cfg, exclude_embeddings=True)
+
+
+def test_presets_reproduce_published_llama_sizes():
+    assert preset_num_params("1b") == 1_235_814_400  # Llama-3.2-1B
+    assert preset_num_params("7b") == 6_738_415_616  # Llama-2-7B
+    assert 100e6 < preset_num_params("125m") < 135e6 and 300e6 < preset_num_params("350m") < 380e6
+    assert preset("125m", vocab_size=4096).vocab_size == 4096
+    with pytest.raises(ValueError, match="unknown model preset"):
+        preset("13b")
+
+
+@pytest.mark.parametrize("moe", [{}, dict(moe_num_experts=4, moe_top_k=2, moe_every=2, tie_embeddings=False)])
+def test_flops_per_token_equals_counted_flops_of_a_training_step(moe):
+    """torch's FlopCounterMode counts every matmul of forward + backward; the math backend makes attention matmuls."""
+    cfg = preset("tiny", attention="math", **moe)
+    model = Transformer(cfg)
+    if moe:
+        assert param_count(cfg) == model.num_params()
+    x = torch.randint(0, 256, (2, 128))
+    with FlopCounterMode(display=False) as counter:
+        model.loss(model(x), x).backward()
+    assert counter.get_total_flops() / x.numel() == flops_per_token(cfg, 128)
