@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from athanor.config import ModelConfig
 from athanor.model.flops import flops_per_token, param_count
+from athanor.model.moe import MoE
 from athanor.model.presets import preset, preset_num_params
 from athanor.model.transformer import Transformer, apply_rope, rope_tables
 
@@ -167,3 +168,73 @@ def test_flops_per_token_equals_counted_flops_of_a_training_step(moe):
     with FlopCounterMode(display=False) as counter:
         model.loss(model(x), x).backward()
     assert counter.get_total_flops() / x.numel() == flops_per_token(cfg, 128)
+
+
+def moe_cfg(**overrides) -> ModelConfig:
+    return tiny(**{"moe_num_experts": 4, "moe_top_k": 2, **overrides})
+
+
+def per_token_reference(moe: MoE, x: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
+    """The definition, one token at a time: sum over its top-k experts of weight * expert(token)."""
+    flat = x.reshape(-1, x.shape[-1])
+    _, weights, chosen = moe.route(flat)
+    taken = [0] * moe.num_experts
+    out = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        for slot in range(moe.top_k):
+            e = int(chosen[t, slot])
+            if capacity is not None and taken[e] >= capacity:
+                continue
+            taken[e] += 1
+            out[t] += weights[t, slot] * moe.experts[e](flat[t : t + 1])[0]
+    return out.view(x.shape)
+
+
+def test_moe_layers_follow_moe_every():
+    model = Transformer(moe_cfg(n_layers=4, moe_every=2))
+    assert [isinstance(b.feed_forward, MoE) for b in model.layers] == [False, True, False, True]
+
+
+def test_moe_trains_on_real_text_with_finite_aux_loss(alice_bytes):
+    torch.manual_seed(0)
+    model = Transformer(moe_cfg())
+    x, y = next(batches(alice_bytes, 1, batch=4))
+    logits = model(x)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+    loss = model.loss(logits, y)
+    aux = model.aux_loss()
+    assert torch.isfinite(aux) and aux.item() >= 0.0
+    torch.testing.assert_close(loss, ce + model.cfg.moe_aux_loss_coef * aux)
+    loss.backward()
+    router = model.layers[0].feed_forward.router.weight
+    assert router.grad is not None and router.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_aux_loss_is_at_its_minimum_for_uniform_routing(alice_bytes):
+    model = Transformer(moe_cfg())
+    for block in model.layers:
+        torch.nn.init.zeros_(block.feed_forward.router.weight)  # every expert equally likely for every token
+    model(next(batches(alice_bytes, 1, batch=2))[0])
+    torch.testing.assert_close(model.aux_loss(), torch.tensor(float(model.cfg.n_layers)))  # 1 per MoE layer
+
+
+def test_dropless_moe_equals_per_token_loop(alice_bytes):
+    torch.manual_seed(0)
+    model = Transformer(moe_cfg(moe_top_k=2))
+    x = model.tok_embeddings(next(batches(alice_bytes, 1, batch=2, seq=16))[0]).detach()
+    moe = model.layers[0].feed_forward
+    torch.testing.assert_close(moe(x), per_token_reference(moe, x), atol=1e-6, rtol=1e-5)
+
+
+def test_capacity_factor_drops_overflow_first_come_first_served(alice_bytes):
+    torch.manual_seed(0)
+    model = Transformer(moe_cfg(moe_top_k=1, moe_capacity_factor=0.5))
+    x = model.tok_embeddings(next(batches(alice_bytes, 1, batch=2, seq=16))[0]).detach()
+    moe = model.layers[0].feed_forward
+    capacity = moe.capacity(32)
+    assert capacity == 4  # ceil(0.5 * 32 tokens * top-1 / 4 experts)
+    out = moe(x)
+    torch.testing.assert_close(out, per_token_reference(moe, x, capacity), atol=1e-6, rtol=1e-5)
+    dropped = (out.reshape(-1, 64).abs().sum(-1) == 0).sum().item()
+    assert dropped >= 32 - capacity * moe.num_experts
