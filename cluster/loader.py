@@ -1,0 +1,88 @@
+"""Global-index data loading (as in OLMo-core): every rank derives the same batch from (seed, epoch, consumed).
+
+Each epoch is a permutation of all sequence indices seeded by (seed, epoch). Global step s takes the next
+`global_batch_size` indices of that permutation, and rank r reads its contiguous slice of them. The state is only
+where the run is in that global order, so a run can resume on a different number of ranks and still see every
+sample once per epoch, in the same order, none skipped or repeated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from athanor.pipelines.shards import TokenShards
+
+
+class GlobalBatchLoader:
+    """Yields this rank's share of each global batch; the tail of an epoch shorter than a global batch is dropped."""
+
+    def __init__(
+        self,
+        shards: TokenShards,
+        global_batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        state: dict | None = None,
+    ):
+        if global_batch_size % world_size:
+            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by world_size {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if len(shards) < global_batch_size:
+            raise ValueError(
+                f"the {shards.split} split has {len(shards)} sequences, fewer than one global batch "
+                f"({global_batch_size}); pack more text or lower the batch size"
+            )
+        self.shards = shards
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // world_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.consumed = 0, 0
+        self._order: np.ndarray | None = None
+        if state is not None:
+            self.load_state_dict(state)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.shards) // self.global_batch_size
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order is None:
+            rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch]))
+            self._order = rng.permutation(len(self.shards))
+        return self._order
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """This rank's slice of the next global batch: input_ids and targets [b, seq_len], sample_ids [b]."""
+        if self.consumed + self.global_batch_size > len(self.shards):
+            self.epoch, self.consumed, self._order = self.epoch + 1, 0, None
+        start = self.consumed + self.rank * self.local_batch_size
+        ids = self._epoch_order()[start : start + self.local_batch_size]
+        windows = torch.from_numpy(np.stack([self.shards[i] for i in ids]).astype(np.int64))
+        self.consumed += self.global_batch_size
+        return {
+            "input_ids": windows[:, :-1],
+            "targets": windows[:, 1:],
+            "sample_ids": torch.from_numpy(ids.astype(np.int64)),
+        }
+
+    def state_dict(self) -> dict:
+        """Where the run is in the global order; the same on every rank and independent of the world size."""
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "seed": self.seed,
+            "fingerprint": self.shards.fingerprint,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["fingerprint"] != self.shards.fingerprint:
+            raise ValueError(
+                f"loader state was saved for dataset {state['fingerprint'][:16]}..., but the {self.shards.split} "
+                f"shards are {self.shards.fingerprint[:16]}...; resuming would silently change the data order"
+            )
+        if state["seed"] != self.seed:
+            raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has seed {self.seed}")
+        self.epoch, self.consumed, self._order = int(state["epoch"]), int(state["consumed"]), None
