@@ -63,6 +63,7 @@ class DedupConfig(_Section):
     num_bands: int = Field(14, ge=1)
     rows_per_band: int = Field(8, ge=1)
     seed: int = 1  # datasketch's default seed, so signatures match datasketch.MinHash(num_perm, seed)
+    shuffle_partitions: int = Field(4, ge=1)  # partitions of the dedup groupbys (hash and LSH-bucket shuffles)
 
     @property
     def num_perm(self) -> int:

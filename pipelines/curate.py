@@ -1,0 +1,124 @@
+"""The curation DAG: read -> extract -> langid -> heuristics -> exact_dedup -> near_dedup -> quality -> final.
+
+Each stage marks rows (see stats.py); the driver then counts reasons, writes the stage's stats JSON, its kept rows to
+curated/<stage>/ and its dropped rows (with `drop_reason` and `stage`) to curated/dropped/<stage>/, and hands the kept
+rows on. The survivors of the last stage are sorted by doc_id into curated/final/ with stable file names, so two runs
+over the same input write the same bytes for the tokenizer and packer to read.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import ray
+from ray.data import SaveMode
+from ray.data.datasource import FilenameProvider
+
+from athanor.config import AthanorConfig
+from athanor.layout import RunLayout
+from athanor.pipelines.dedup import mark_exact_duplicates
+from athanor.pipelines.extract import extract_batch
+from athanor.pipelines.heuristics import heuristics_batch
+from athanor.pipelines.langid import LanguageIdentifier
+from athanor.pipelines.minhash import mark_near_duplicates_stage
+from athanor.pipelines.quality import QualityScorer, model_path, train_quality_classifier
+from athanor.pipelines.read import read_crawl
+from athanor.pipelines.stats import dropped_rows, kept_rows, reason_counts, stage_stats, write_json
+
+Stage = Callable[[ray.data.Dataset | None], ray.data.Dataset]
+FINAL = "final"
+def one_actor() -> ray.data.ActorPoolStrategy:
+    """One actor per model-holding UDF: the model is loaded once and memory stays flat."""
+    return ray.data.ActorPoolStrategy(size=1)
+
+
+class _PartNames(FilenameProvider):
+    """part-00000.parquet, ...: run-independent names whose lexical order is the write order."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{task_index:05d}.parquet"
+
+
+def curation_stages(cfg: AthanorConfig, layout: RunLayout) -> list[tuple[str, Stage]]:
+    c = cfg.curate
+    stages: list[tuple[str, Stage]] = [
+        ("read", lambda _: read_crawl(cfg.data)),
+        ("extract", lambda ds: ds.map_batches(extract_batch, fn_kwargs={"cfg": c.extract}, batch_format="pyarrow")),
+        ("langid", lambda ds: ds.map_batches(LanguageIdentifier, fn_constructor_args=(c.langid,),
+                                             batch_format="pyarrow", compute=one_actor())),
+        ("heuristics", lambda ds: ds.map_batches(heuristics_batch, fn_kwargs={"cfg": c.heuristics},
+                                                 batch_format="pyarrow")),
+    ]
+    if c.dedup.exact:
+        stages.append(("exact_dedup", lambda ds: mark_exact_duplicates(ds, c.dedup.shuffle_partitions)))
+    if c.dedup.minhash:
+        stages.append(("near_dedup", lambda ds: mark_near_duplicates_stage(ds, c.dedup)))
+    if c.quality.enabled:
+        model = str(model_path(layout))
+        stages.append(("quality", lambda ds: ds.map_batches(QualityScorer, fn_constructor_args=(model, c.quality),
+                                                            batch_format="pyarrow", compute=one_actor())))
+    return stages
+
+
+def _clear_outputs(layout: RunLayout, stages: list[str]) -> None:
+    for path in [layout.curated(s) for s in stages + [FINAL]] + [layout.dropped]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_stage(name: str, stage: Stage, ds: ray.data.Dataset | None, layout: RunLayout, write_dropped: bool):
+    """Run one stage; returns (kept dataset, stats). `in == kept + sum(dropped)` holds by construction."""
+    marked = stage(ds).materialize()
+    stats = stage_stats(name, reason_counts(marked))
+    write_json(layout.stats(name), stats)
+    kept = marked.map_batches(kept_rows, batch_format="pyarrow")
+    if stats["kept"]:
+        kept.write_parquet(str(layout.curated(name)))
+    if write_dropped and stats["in"] > stats["kept"]:
+        marked.map_batches(dropped_rows, fn_kwargs={"stage": name}, batch_format="pyarrow").write_parquet(
+            str(layout.dropped / name)
+        )
+    return kept, stats
+
+
+def write_final(kept: ray.data.Dataset, layout: RunLayout) -> None:
+    final = kept.sort("doc_id")
+    final.context.execution_options.preserve_order = True  # part-i holds the i-th sorted block
+    final.write_parquet(str(layout.curated(FINAL)), filename_provider=_PartNames(), mode=SaveMode.OVERWRITE)
+
+
+def run_curation(cfg: AthanorConfig, layout: RunLayout) -> dict:
+    """Curate `cfg.data` into `layout.curated("final")`; returns the summary also written to stats/curation.json."""
+    if cfg.curate.quality.enabled and not model_path(layout).is_file():
+        train_quality_classifier(cfg, layout)
+    stages = curation_stages(cfg, layout)
+    _clear_outputs(layout, [name for name, _ in stages])
+
+    per_stage, seconds, dropped = [], {}, Counter()
+    ds = None
+    for name, stage in stages:
+        start = time.perf_counter()
+        if ds is not None and per_stage[-1]["kept"] == 0:
+            stats = stage_stats(name, Counter())  # nothing left to look at: the stage sees 0 documents
+            write_json(layout.stats(name), stats)
+        else:
+            ds, stats = run_stage(name, stage, ds, layout, cfg.curate.write_dropped)
+        per_stage.append(stats)
+        dropped.update(stats["dropped"])
+        seconds[name] = round(time.perf_counter() - start, 3)
+
+    start = time.perf_counter()
+    if per_stage[-1]["kept"]:
+        write_final(ds, layout)
+    seconds[FINAL] = round(time.perf_counter() - start, 3)
+    summary = {
+        "stages": per_stage,
+        "in": per_stage[0]["in"],
+        "kept": per_stage[-1]["kept"],
+        "dropped": dict(sorted(dropped.items())),
+        "seconds": seconds,
+    }
+    write_json(layout.stats("curation"), summary)
+    return summary

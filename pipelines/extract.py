@@ -1,0 +1,41 @@
+"""HTML bytes -> main text with resiliparse, decoding with encoding detection instead of assuming UTF-8.
+
+Drops: `binary_content` (NUL bytes: an image or archive served as HTML), `undecodable`, `html_parse_error`,
+`empty_text` (nothing left after boilerplate removal).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+from resiliparse.extract.html2text import extract_plain_text
+from resiliparse.parse.encoding import bytes_to_str, detect_encoding
+from resiliparse.parse.html import HTMLParserException
+
+from athanor.config import ExtractConfig
+from athanor.pipelines.stats import mark
+
+BINARY_SNIFF_BYTES = 4096
+
+
+def html_to_text(html: bytes, cfg: ExtractConfig) -> tuple[str | None, str | None]:
+    """(text, None) or (None, drop_reason)."""
+    if b"\x00" in html[:BINARY_SNIFF_BYTES]:
+        return None, "binary_content"
+    try:
+        decoded = bytes_to_str(html, detect_encoding(html))
+    except (UnicodeError, LookupError):
+        return None, "undecodable"
+    try:
+        text = extract_plain_text(decoded, main_content=cfg.main_content).strip()
+    except HTMLParserException:
+        return None, "html_parse_error"
+    if len(text) < cfg.min_chars:
+        return None, "empty_text"
+    return text, None
+
+
+def extract_batch(batch: pa.Table, cfg: ExtractConfig) -> pa.Table:
+    """Ray Data UDF: replaces the `html` column with `text`."""
+    results = [html_to_text(h, cfg) for h in batch["html"].to_pylist()]
+    out = batch.drop_columns(["html"]).append_column("text", pa.array([t for t, _ in results], type=pa.string()))
+    return mark(out, [r for _, r in results])

@@ -1,0 +1,118 @@
+"""fastText quality classifier: train on curated "high" text vs "low" text, score documents by P(high).
+
+Training examples are blank-line-separated paragraphs with whitespace collapsed; a file without blank lines (one
+news article or one SMS per line) gives one example per line. The held-out split is seeded and stratified, and the
+report (precision/recall/F1 per class from fastText's own `test_label`, example counts) is written beside the model.
+Scoring is a class UDF (the model loads once per actor); signal `quality_score`, drop reason `low_quality`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import fasttext
+import numpy as np
+import pyarrow as pa
+
+from athanor.config import AthanorConfig, QualityConfig
+from athanor.layout import RunLayout
+from athanor.pipelines.langid import one_line
+from athanor.pipelines.stats import mark
+
+HIGH, LOW = "__label__hq", "__label__lq"
+MODEL_FILE = "quality.bin"
+REPORT_FILE = "report.json"
+
+
+def model_path(layout: RunLayout) -> Path:
+    return layout.quality_dir / MODEL_FILE
+
+
+def split_examples(text: str, min_chars: int) -> list[str]:
+    """Paragraphs (or lines, for a file without blank lines), whitespace collapsed, at least `min_chars` long."""
+    blocks = re.split(r"\n\s*\n", text.strip())
+    if len(blocks) == 1:
+        blocks = text.splitlines()
+    examples = (one_line(b) for b in blocks)
+    return [e for e in examples if len(e) >= min_chars]
+
+
+def _read_examples(paths: list[str], min_chars: int) -> list[str]:
+    examples = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"curate.quality: no training file at {p}")
+        examples.extend(split_examples(Path(p).read_text(encoding="utf-8", errors="replace"), min_chars))
+    return examples
+
+
+def _split(examples: list[str], valid_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    shuffled = examples[:]
+    random.Random(seed).shuffle(shuffled)
+    n_valid = max(1, round(len(shuffled) * valid_fraction))
+    return shuffled[n_valid:], shuffled[:n_valid]
+
+
+def _write_labeled(path: Path, labeled: list[tuple[str, str]]) -> None:
+    path.write_text("".join(f"{label} {text}\n" for label, text in labeled), encoding="utf-8")
+
+
+def train_quality_classifier(cfg: AthanorConfig, layout: RunLayout) -> dict:
+    """Train, evaluate on the held-out split, save `quality.bin` and `report.json`; returns the report."""
+    q = cfg.curate.quality
+    if not q.high or not q.low:
+        raise ValueError("curate.quality.high and curate.quality.low must both list training files")
+    splits = {}
+    for label, paths in ((HIGH, q.high), (LOW, q.low)):
+        examples = _read_examples(paths, q.min_chars)
+        if len(examples) < 2:
+            raise ValueError(f"curate.quality: {label} files give only {len(examples)} examples of >= {q.min_chars} chars")
+        splits[label] = _split(examples, q.valid_fraction, cfg.run.seed)
+    rng = random.Random(cfg.run.seed)
+    train = [(label, t) for label in splits for t in splits[label][0]]
+    valid = [(label, t) for label in splits for t in splits[label][1]]
+    rng.shuffle(train)  # fastText's SGD sees the classes interleaved
+
+    layout.quality_dir.mkdir(parents=True, exist_ok=True)
+    train_file, valid_file = layout.quality_dir / "train.txt", layout.quality_dir / "valid.txt"
+    _write_labeled(train_file, train)
+    _write_labeled(valid_file, valid)
+    model = fasttext.train_supervised(
+        input=str(train_file), epoch=q.epochs, lr=q.lr, wordNgrams=q.word_ngrams, dim=q.dim,
+        seed=cfg.run.seed, thread=1, verbose=0,  # one thread: the same data and seed give the same model
+    )
+    model.save_model(str(model_path(layout)))
+
+    per_label = model.test_label(str(valid_file))
+    report = {
+        "model": str(model_path(layout)),
+        "examples": {
+            "train": {label: len(splits[label][0]) for label in splits},
+            "valid": {label: len(splits[label][1]) for label in splits},
+        },
+        "valid_metrics": {
+            label: {k: float(per_label[label][k]) for k in ("precision", "recall", "f1score")} for label in splits
+        },
+    }
+    (layout.quality_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+class QualityScorer:
+    """Ray Data class UDF: `quality_score` = P(high) and `low_quality` below the threshold."""
+
+    def __init__(self, model_file: str, cfg: QualityConfig):
+        self.model = fasttext.load_model(model_file)
+        self.threshold = cfg.threshold
+
+    def scores(self, texts: list[str]) -> np.ndarray:
+        labels, probs = self.model.predict([one_line(t) for t in texts], k=2)
+        return np.array([dict(zip(lab, p)).get(HIGH, 0.0) for lab, p in zip(labels, probs)], dtype=np.float64)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        scores = self.scores(batch["text"].to_pylist())
+        out = batch.append_column("quality_score", pa.array(scores, type=pa.float64()))
+        return mark(out, [None if s >= self.threshold else "low_quality" for s in scores])
