@@ -12,6 +12,7 @@ from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import bytes_to_str
 
 
+@functools.cache
 def real_documents(data_dir: Path) -> list[tuple[str, str]]:
     """(source, text) for the 258 real news pages (main content) and the 300 Lee background news articles."""
     docs = []

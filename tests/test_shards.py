@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +14,7 @@ from real_corpus import PACK_CONFIG, packed_run, real_documents, write_curated
 
 from athanor.config import AthanorConfig
 from athanor.layout import RunLayout
+from athanor.pipelines.megatron import export_megatron
 from athanor.pipelines.pack import is_validation, pack_shards
 from athanor.pipelines.shards import TokenShards, file_sha256, fingerprint, token_dtype
 from athanor.pipelines.tokenizer import BOS_ID, EOS_ID, Tokenizer
@@ -120,3 +122,35 @@ def test_repacking_is_byte_identical_and_names_every_drop(workdir, data_dir, tmp
     assert manifest["documents"]["dropped"] == {"duplicate_doc_id": 1, "empty_text": 2, "missing_doc_id": 1}
     assert manifest["documents"]["in"] == reference["documents"]["in"] + 4
     assert manifest["documents"]["in"] == manifest["documents"]["kept"] + sum(manifest["documents"]["dropped"].values())
+
+
+def _read_megatron(prefix) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """An independent reader of Megatron's documented MMIDIDX index: (tokens, lengths, pointers, doc indices)."""
+    raw = (prefix.parent / f"{prefix.name}.idx").read_bytes()
+    assert raw[:9] == b"MMIDIDX\x00\x00"
+    version, code, n_seq, n_doc = struct.unpack_from("<QBQQ", raw, 9)
+    assert version == 1 and code == 8  # uint16
+    offset = 9 + 8 + 1 + 8 + 8
+    lengths = np.frombuffer(raw, np.int32, n_seq, offset)
+    pointers = np.frombuffer(raw, np.int64, n_seq, offset + 4 * n_seq)
+    docs = np.frombuffer(raw, np.int64, n_doc, offset + 12 * n_seq)
+    assert len(raw) == offset + 12 * n_seq + 8 * n_doc
+    tokens = np.fromfile(prefix.parent / f"{prefix.name}.bin", dtype=np.uint16)
+    return tokens, lengths, pointers, docs
+
+
+def test_megatron_export_holds_one_whole_document_per_sequence(workdir, corpus, tmp_path):
+    bin_path, idx_path = export_megatron(workdir, "val", tmp_path / "val_text_document")
+    assert bin_path.name == "val_text_document.bin" and idx_path.name == "val_text_document.idx"
+    tokens, lengths, pointers, docs = _read_megatron(tmp_path / "val_text_document")
+    shards = TokenShards(workdir, "val")
+    np.testing.assert_array_equal(tokens, np.concatenate([shards[i] for i in range(len(shards))]))
+    np.testing.assert_array_equal(docs, np.arange(len(lengths) + 1))
+    np.testing.assert_array_equal(pointers, np.concatenate([[0], np.cumsum(lengths[:-1]) * 2]))
+
+    tok = Tokenizer(workdir / "tokenizer" / "tokenizer.model")
+    val_ids = sorted(d for d in corpus if is_validation(d, SEED, 0.1))
+    for k, doc_id in enumerate(val_ids[:-1]):  # the last document may run into the dropped tail
+        seq = tokens[pointers[k] // 2 : pointers[k] // 2 + lengths[k]]
+        assert seq[0] == BOS_ID and seq[-1] == EOS_ID
+        assert tok.decode(seq[1:-1].tolist()) == corpus[doc_id]
