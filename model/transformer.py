@@ -151,8 +151,7 @@ class Transformer(nn.Module):
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the MoE load-balancing losses of the last forward (unweighted); 0 for a dense model."""
-        losses = [b.feed_forward.last_aux_loss for b in self.layers if isinstance(b.feed_forward, MoE)]
-        losses = [x for x in losses if x is not None]
+        losses = [m.last_aux_loss for m in self.modules() if isinstance(m, MoE) and m.last_aux_loss is not None]
         if not losses:
             return torch.zeros((), device=self.rope_cos.device)
         return torch.stack(losses).sum()
