@@ -1,9 +1,12 @@
 """Export a trained athanor Transformer as a Hugging Face `LlamaForCausalLM` folder: config.json, safetensors, tokenizer.
 
 No weight permutation is needed: athanor's RoPE already uses HF Llama's half-split (`rotate_half`) convention, and
-tests/test_hf_export.py proves it by comparing logits with transformers' own implementation. Mixture-of-experts
-models are refused: athanor's router (top-1 without renormalisation, optional capacity, MoE every n-th layer) is
-not what Mixtral computes, so an export would silently change the model.
+tests/test_hf_export.py proves it by comparing logits with transformers' own implementation.
+
+Mixture-of-experts models export as `MixtralForCausalLM` (the per-expert w1/w2/w3 layout, which transformers 4 loads
+as is and transformers 5 converts on load) when Mixtral computes the same function: MoE in every layer, dropless,
+top_k >= 2 (Mixtral renormalises the top-k weights; athanor keeps the raw probability for top-1). Anything else is
+refused, since an export would silently change the model.
 """
 
 from __future__ import annotations
@@ -32,19 +35,45 @@ _LAYER_NAMES = {
 }
 
 
+def mixtral_incompatibility(cfg: ModelConfig) -> str | None:
+    """Why this MoE config cannot be expressed as Mixtral, or None when it can."""
+    if cfg.moe_every != 1:
+        return f"Mixtral has experts in every layer, this model every {cfg.moe_every}"
+    if cfg.moe_capacity_factor is not None:
+        return "Mixtral is dropless, this model drops tokens over a capacity factor"
+    if cfg.moe_top_k < 2:
+        return "Mixtral renormalises the top-k weights, which for top-1 changes the output"
+    return None
+
+
 def hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename athanor parameters to HF Llama's; a tied head is left out, as transformers expects."""
+    """Rename athanor parameters to HF Llama's (Mixtral's for MoE); a tied head is left out, as transformers expects."""
     out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = state["output.weight"]
     for i in range(cfg.n_layers):
         for ours, theirs in _LAYER_NAMES.items():
-            out[f"model.layers.{i}.{theirs}.weight"] = state[f"layers.{i}.{ours}.weight"]
+            if not (cfg.moe_num_experts and ours.startswith("feed_forward.")):
+                out[f"model.layers.{i}.{theirs}.weight"] = state[f"layers.{i}.{ours}.weight"]
+        if cfg.moe_num_experts:  # Mixtral names its experts' projections w1/w2/w3 as athanor does
+            ours, theirs = f"layers.{i}.feed_forward", f"model.layers.{i}.block_sparse_moe"
+            out[f"{theirs}.gate.weight"] = state[f"{ours}.router.weight"]
+            for e in range(cfg.moe_num_experts):
+                for w in ("w1", "w2", "w3"):
+                    out[f"{theirs}.experts.{e}.{w}.weight"] = state[f"{ours}.experts.{e}.{w}.weight"]
     # safetensors wants contiguous tensors that share no storage.
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in out.items()}
 
 
 def hf_config(cfg: ModelConfig, bos_id: int | None, eos_id: int | None, pad_id: int | None) -> dict:
+    moe = {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "num_local_experts": cfg.moe_num_experts,
+        "num_experts_per_tok": cfg.moe_top_k,
+        "router_aux_loss_coef": cfg.moe_aux_loss_coef,
+        "sliding_window": None,
+    }
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -68,6 +97,7 @@ def hf_config(cfg: ModelConfig, bos_id: int | None, eos_id: int | None, pad_id: 
         "eos_token_id": eos_id,
         "pad_token_id": pad_id,
         "torch_dtype": "float32",
+        **(moe if cfg.moe_num_experts else {}),
     }
 
 
@@ -100,14 +130,14 @@ def export_hf(
     tokenizer_model_path: str | Path,
     out_dir: str | Path,
 ) -> Path:
-    """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads; returns out_dir."""
+    """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads; returns out_dir.
+
+    `model_or_state` is a Transformer or its state_dict (e.g. from a checkpoint); the weights are written in float32.
+    """
     from safetensors.torch import save_file
 
-    if cfg.moe_num_experts:
-        raise ValueError(
-            "cannot export a mixture-of-experts model to Hugging Face: athanor's MoE routing does not match Mixtral's "
-            "(top-1 weights are not renormalised, capacity may drop tokens, MoE may skip layers); export dense models"
-        )
+    if cfg.moe_num_experts and (why := mixtral_incompatibility(cfg)):
+        raise ValueError(f"cannot export this mixture-of-experts model as Mixtral: {why}")
     tokenizer_model_path = Path(tokenizer_model_path)
     if not tokenizer_model_path.is_file():
         raise FileNotFoundError(f"tokenizer model not found: {tokenizer_model_path}")

@@ -101,8 +101,19 @@ def test_interleaved_rope_weights_would_not_match(sp_model, data_dir, tmp_path):
         assert (model(x) - hf(x).logits).abs().max().item() > 1e-2
 
 
-def test_moe_export_is_refused(sp_model, tmp_path):
-    cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, moe_num_experts=4)
-    with pytest.raises(ValueError, match="mixture-of-experts"):
+def test_moe_exports_as_mixtral_with_the_same_logits(sp_model, data_dir, tmp_path):
+    model, cfg = trained_model(sp_model, data_dir, moe_num_experts=4, moe_top_k=2)
+    export_hf(model, cfg, sp_model, tmp_path)
+    hf, _ = load_hf(tmp_path)
+    assert isinstance(hf, transformers.MixtralForCausalLM)
+    x = torch.tensor([[2, *spm.SentencePieceProcessor(model_file=str(sp_model)).encode(SENTENCE)]])
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("moe", [dict(moe_top_k=1), dict(moe_every=2), dict(moe_capacity_factor=1.25)])
+def test_moe_that_mixtral_cannot_express_is_refused(sp_model, tmp_path, moe):
+    cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, moe_num_experts=4, **moe)
+    with pytest.raises(ValueError, match="cannot export this mixture-of-experts model as Mixtral"):
         export_hf(Transformer(cfg), cfg, sp_model, tmp_path)
     assert not (tmp_path / "model.safetensors").exists()
