@@ -8,11 +8,13 @@ over the same input write the same bytes for the tokenizer and packer to read.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
 
+import pyarrow as pa
 import ray
 from ray.data import SaveMode
 from ray.data.datasource import FilenameProvider
@@ -30,6 +32,8 @@ from athanor.pipelines.stats import dropped_rows, kept_rows, reason_counts, stag
 
 Stage = Callable[[ray.data.Dataset | None], ray.data.Dataset]
 FINAL = "final"
+DOCS_PER_FINAL_FILE = 50_000
+SORT_KEY_HEX_DIGITS = 15  # 60 bits: fits an int64
 def one_actor() -> ray.data.ActorPoolStrategy:
     """One actor per model-holding UDF: the model is loaded once and memory stays flat."""
     return ray.data.ActorPoolStrategy(size=1)
@@ -83,9 +87,29 @@ def run_stage(name: str, stage: Stage, ds: ray.data.Dataset | None, layout: RunL
     return kept, stats
 
 
-def write_final(kept: ray.data.Dataset, layout: RunLayout) -> None:
-    final = kept.sort("doc_id")
-    final.context.execution_options.preserve_order = True  # part-i holds the i-th sorted block
+def _add_sort_key(batch: pa.Table) -> pa.Table:
+    keys = [int(d[:SORT_KEY_HEX_DIGITS], 16) for d in batch["doc_id"].to_pylist()]
+    return batch.append_column("sort_key", pa.array(keys, type=pa.int64()))
+
+
+def _drop_sort_key(batch: pa.Table) -> pa.Table:
+    return batch.drop_columns(["sort_key"])
+
+
+def write_final(kept: ray.data.Dataset, num_docs: int, layout: RunLayout) -> None:
+    """Sort by doc_id into part-i files split at fixed (not sampled) boundaries, so every run splits alike.
+
+    doc_ids are fixed-length hex SHA-1 prefixes: their first 60 bits are a uniform integer whose order is the
+    doc_id order, and Ray's sort takes explicit boundaries only for numeric keys.
+    """
+    parts = max(2, math.ceil(num_docs / DOCS_PER_FINAL_FILE))
+    boundaries = [i * 16**SORT_KEY_HEX_DIGITS // parts for i in range(1, parts)]
+    final = (
+        kept.map_batches(_add_sort_key, batch_format="pyarrow")
+        .sort("sort_key", boundaries=boundaries)
+        .map_batches(_drop_sort_key, batch_format="pyarrow")
+    )
+    final.context.execution_options.preserve_order = True  # part-i holds the i-th key range
     final.write_parquet(str(layout.curated(FINAL)), filename_provider=_PartNames(), mode=SaveMode.OVERWRITE)
 
 
@@ -111,7 +135,7 @@ def run_curation(cfg: AthanorConfig, layout: RunLayout) -> dict:
 
     start = time.perf_counter()
     if per_stage[-1]["kept"]:
-        write_final(ds, layout)
+        write_final(ds, per_stage[-1]["kept"], layout)
     seconds[FINAL] = round(time.perf_counter() - start, 3)
     summary = {
         "stages": per_stage,

@@ -83,27 +83,21 @@ def band_buckets(sig: np.ndarray, num_bands: int, rows_per_band: int) -> np.ndar
     return key
 
 
-class LshBands:
-    """Ray Data class UDF: documents -> one (doc_id, band, bucket) row per band; holds the permutations once."""
-
-    def __init__(self, cfg: DedupConfig):
-        self.cfg = cfg
-        self.hasher = MinHasher(cfg.num_perm, cfg.seed)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        normalized = normalize_texts(batch["text"]).to_pylist()
-        hashes = [sha1_hash32(word_shingles(t, self.cfg.ngram)) for t in normalized]
-        has_shingles = np.array([len(h) > 0 for h in hashes], dtype=bool)
-        sig = self.hasher.signatures([h for h in hashes if len(h)])
-        keys = band_buckets(sig, self.cfg.num_bands, self.cfg.rows_per_band)
-        doc_ids = np.array(batch["doc_id"].to_pylist(), dtype=object)[has_shingles]
-        return pa.table(
-            {
-                "doc_id": pa.array(np.repeat(doc_ids, self.cfg.num_bands), type=pa.string()),
-                "band": pa.array(np.tile(np.arange(self.cfg.num_bands, dtype=np.int32), len(doc_ids))),
-                "bucket": pa.array(keys.reshape(-1)),
-            }
-        )
+def lsh_band_rows(batch: pa.Table, cfg: DedupConfig) -> pa.Table:
+    """Ray Data UDF: documents -> one (doc_id, band, bucket) row per band; documents without shingles give none."""
+    normalized = normalize_texts(batch["text"]).to_pylist()
+    hashes = [sha1_hash32(word_shingles(t, cfg.ngram)) for t in normalized]
+    has_shingles = np.array([len(h) > 0 for h in hashes], dtype=bool)
+    sig = MinHasher(cfg.num_perm, cfg.seed).signatures([h for h in hashes if len(h)])  # permutations: microseconds
+    keys = band_buckets(sig, cfg.num_bands, cfg.rows_per_band)
+    doc_ids = np.array(batch["doc_id"].to_pylist(), dtype=object)[has_shingles]
+    return pa.table(
+        {
+            "doc_id": pa.array(np.repeat(doc_ids, cfg.num_bands), type=pa.string()),
+            "band": pa.array(np.tile(np.arange(cfg.num_bands, dtype=np.int32), len(doc_ids))),
+            "bucket": pa.array(keys.reshape(-1)),
+        }
+    )
 
 
 def bucket_edges(group: pa.Table) -> pa.Table:
@@ -116,8 +110,7 @@ def bucket_edges(group: pa.Table) -> pa.Table:
 
 def candidate_edges(ds: ray.data.Dataset, cfg: DedupConfig) -> list[tuple[str, str]]:
     edges = (
-        ds.map_batches(LshBands, fn_constructor_args=(cfg,), batch_format="pyarrow",
-                    compute=ray.data.ActorPoolStrategy(size=1))
+        ds.map_batches(lsh_band_rows, fn_kwargs={"cfg": cfg}, batch_format="pyarrow")
         .groupby(["band", "bucket"], num_partitions=cfg.shuffle_partitions)
         .map_groups(bucket_edges, batch_format="pyarrow")
         .take_all()

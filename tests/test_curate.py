@@ -13,6 +13,8 @@ from athanor.config import load_config
 from athanor.layout import RunLayout
 from athanor.pipelines.curate import run_curation
 
+pytestmark = pytest.mark.slow  # one full curation run (quality training + seven Ray stages) shared by the module
+
 STAGES = ["read", "extract", "langid", "heuristics", "exact_dedup", "near_dedup", "quality"]
 CP1252_PAGE = "06ed0a833361190536a4f61888354e07dccaa501bd9a1c0f1c545533bde1650b.html"
 
