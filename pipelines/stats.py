@@ -19,12 +19,8 @@ REASON = "drop_reason"
 
 
 def mark(table: pa.Table, reasons: list[str | None]) -> pa.Table:
-    """Replace (or add) the drop_reason column; rows already dropped keep their first reason."""
-    new = pa.array(reasons, type=pa.string())
-    if REASON in table.column_names:
-        new = pc.coalesce(table[REASON], new)
-        return table.set_column(table.column_names.index(REASON), REASON, new)
-    return table.append_column(REASON, new)
+    """Add the drop_reason column to a stage's output (a stage's input never has one: see kept_rows)."""
+    return table.append_column(REASON, pa.array(reasons, type=pa.string()))
 
 
 def kept_rows(table: pa.Table) -> pa.Table:

@@ -94,3 +94,15 @@ def test_final_output_is_sorted_with_provenance(curated):
     assert all(r["lang"] == "en" and r["text"] and r["quality_score"] >= 0.5 for r in rows)
     assert any(r["url"] and r["url"].startswith("http") for r in rows)  # WARC documents keep their URL
     assert str(pq.read_schema(files[0]).field("doc_id").type) == "string"
+
+
+def test_a_run_where_everything_is_dropped_still_finishes(data_dir, tmp_path, ray_local):
+    bad = tmp_path / "bad_html"
+    bad.mkdir()
+    (bad / "empty.html").write_bytes(b"")
+    (bad / "binary.html").write_bytes(gzip.compress(next(iter(sorted((data_dir / "html" / "news").iterdir()))).read_bytes()))
+    cfg = load_config(None, [f"data.html_dirs=[{bad}]", "curate.quality.enabled=false", f"run.workdir={tmp_path / 'run'}"])
+    summary = run_curation(cfg, RunLayout.from_workdir(cfg.run.workdir))
+    assert summary["in"] == 2 and summary["kept"] == 0
+    assert summary["dropped"] == {"empty_html": 1, "binary_content": 1}
+    assert [s["in"] for s in summary["stages"]] == [2, 1, 0, 0, 0, 0]  # no quality stage when it is disabled
