@@ -62,7 +62,8 @@ def parallelize(
 
 def check_tp_size(cfg: ModelConfig, size: int) -> None:
     """Every rank must get whole heads and an equal slice of the MLP."""
-    for what, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads), ("ffn hidden size", ffn_hidden_size(cfg))):
+    divided = {"n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "ffn hidden size": ffn_hidden_size(cfg)}
+    for what, n in divided.items():
         if n % size:
             raise ValueError(f"tensor parallel size {size} does not divide {what} ({n})")
 

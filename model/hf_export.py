@@ -1,4 +1,4 @@
-"""Export a trained athanor Transformer as a Hugging Face `LlamaForCausalLM` folder: config.json, safetensors, tokenizer.
+"""Export a trained athanor Transformer as a Hugging Face `LlamaForCausalLM` folder (config, safetensors, tokenizer).
 
 No weight permutation is needed: athanor's RoPE already uses HF Llama's half-split (`rotate_half`) convention, and
 tests/test_hf_export.py proves it by comparing logits with transformers' own implementation.

@@ -9,6 +9,15 @@ from athanor.model import attention
 from athanor.model.attention import causal_attention, check_backend
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and on a busy 2-core runner OpenMP spin-waits make them crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _qkv(b=2, tq=12, tk=12, h=4, hkv=2, d=16, device="cpu", dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, tq, h, d, generator=g).to(device, dtype).requires_grad_()
@@ -29,13 +38,13 @@ def _forward_backward(backend, q, k, v):
 @pytest.mark.parametrize("h,hkv", [(4, 4), (4, 2), (4, 1)])
 def test_sdpa_matches_math_forward_and_backward(h, hkv):
     q, k, v = _qkv(h=h, hkv=hkv)
-    for got, want in zip(_forward_backward("sdpa", q, k, v), _forward_backward("math", q, k, v)):
+    for got, want in zip(_forward_backward("sdpa", q, k, v), _forward_backward("math", q, k, v), strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_sdpa_matches_math_when_decoding_with_fewer_queries_than_keys():
     q, k, v = _qkv(tq=3, tk=10)
-    for got, want in zip(_forward_backward("sdpa", q, k, v), _forward_backward("math", q, k, v)):
+    for got, want in zip(_forward_backward("sdpa", q, k, v), _forward_backward("math", q, k, v), strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
@@ -68,5 +77,5 @@ def test_gpu_backends_match_math_in_bf16(backend):
     if backend == "flash" and not attention.flash_available():
         pytest.skip("flash-attn not installed")
     q, k, v = _qkv(tq=64, tk=64, h=8, hkv=2, d=64, device="cuda", dtype=torch.bfloat16)
-    for got, want in zip(_forward_backward(backend, q, k, v), _forward_backward("math", q, k, v)):
+    for got, want in zip(_forward_backward(backend, q, k, v), _forward_backward("math", q, k, v), strict=True):
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)

@@ -1,4 +1,4 @@
-"""The exported folder loads in transformers (local files only) and computes athanor's logits, tokens and greedy text."""
+"""The exported folder loads in transformers (local files only) and gives athanor's logits, tokens and greedy text."""
 
 from __future__ import annotations
 
@@ -17,6 +17,15 @@ from athanor.model.transformer import Transformer
 transformers = pytest.importorskip("transformers")
 
 SENTENCE = "Alice was beginning to get very tired of sitting by her sister on the bank, in 1865."
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and on a busy 2-core runner OpenMP spin-waits make them crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,15 @@ from athanor.model.presets import preset, preset_num_params
 from athanor.model.transformer import Transformer, apply_rope, rope_tables
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and on a busy 2-core runner OpenMP spin-waits make them crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(**overrides) -> ModelConfig:
     fields = dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128, attention="sdpa")
     return ModelConfig(**{**fields, **overrides})

@@ -23,6 +23,15 @@ CASES = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and on a busy 2-core runner OpenMP spin-waits make them crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _cfg(**overrides) -> ModelConfig:
     fields = dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, attention="sdpa")
     return ModelConfig(**{**fields, **overrides})
@@ -56,14 +65,16 @@ def _worker(rank: int, port: int, text: bytes) -> None:
             logits = model(x)
             model.loss(logits, y).backward()
 
-            torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")  # noqa: B023
             want, got = _grads(reference), _grads(model)
             assert got.keys() == want.keys(), name
             for key in want:
-                torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name} {key}: {m}")
+                torch.testing.assert_close(
+                    got[key], want[key], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name} {key}: {m}"  # noqa: B023
+                )
             state = full_state(model)  # plain names: the checkpoint wrapper strips its prefix from state_dict
             for key, value in reference.state_dict().items():
-                torch.testing.assert_close(state[key], value, msg=lambda m: f"{name} {key}: {m}")
+                torch.testing.assert_close(state[key], value, msg=lambda m: f"{name} {key}: {m}")  # noqa: B023
             if case.get("fsdp"):
                 assert all(hasattr(p, "full_tensor") for p in model.parameters()), name
             if "tp" in names and not case.get("fsdp"):
