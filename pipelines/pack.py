@@ -37,7 +37,7 @@ class EncodeDocuments:
     """Ray Data class UDF: each actor loads the tokenizer once in __init__, then encodes batch after batch."""
 
     def __init__(self, model_path: str, seed: int, val_fraction: float):
-        self.tokenizer = Tokenizer(model_path)
+        self.tokenizer = Tokenizer(model_path, num_threads=1)  # the actor holds one CPU
         self.seed = seed
         self.val_fraction = val_fraction
 
@@ -121,6 +121,13 @@ class _Packer:
         }
 
 
+def encode_pool_size(requested: int) -> int:
+    """Leave one CPU for the Parquet read tasks: a pool holding every CPU starves them and Ray Data stalls."""
+    if not ray.is_initialized():
+        ray.init()
+    return max(1, min(requested, int(ray.cluster_resources().get("CPU", 1)) - 1))
+
+
 def _clear_previous(layout: RunLayout) -> None:
     """A re-run must not leave stale shards beside new ones; the manifest goes first so no reader sees a mix."""
     layout.manifest.unlink(missing_ok=True)
@@ -151,7 +158,7 @@ def pack_shards(cfg: AthanorConfig, layout: RunLayout) -> dict:
             "seed": cfg.run.seed,
             "val_fraction": tc.val_fraction,
         },
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=tc.encode_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=encode_pool_size(tc.encode_actors)),
         batch_format="pyarrow",
         batch_size=256,
     )

@@ -36,15 +36,18 @@ class TokenizerTrainingError(RuntimeError):
 
 
 class Tokenizer:
-    """A trained SentencePiece model, loaded once; `sha256` identifies the exact model file."""
+    """A trained SentencePiece model, loaded once; `sha256` identifies the exact model file.
 
-    def __init__(self, model_path: str | Path):
+    `num_threads` is for batch encoding: -1 uses every core, 1 suits a Ray actor that holds one CPU.
+    """
+
+    def __init__(self, model_path: str | Path, num_threads: int = -1):
         self.path = Path(model_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {self.path} (run the tokenizer stage first)")
         blob = self.path.read_bytes()
         self.sha256 = hashlib.sha256(blob).hexdigest()
-        self._sp = spm.SentencePieceProcessor(model_proto=blob)
+        self._sp = spm.SentencePieceProcessor(model_proto=blob, num_threads=num_threads)
 
     @property
     def vocab_size(self) -> int:
