@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     for path in (args.curated, args.tokenizer):
         if not path.exists():
-            raise SystemExit(f"{path} not found: run `athanor run configs/demo.yaml` first, or pass --curated/--tokenizer")
+            raise SystemExit(f"{path} not found: run `athanor run configs/demo.yaml` or pass --curated/--tokenizer")
 
     demand = MFU * H100_BF16_DENSE_FLOPS / (6 * PARAMS) / args.seq_len
     with tempfile.TemporaryDirectory() as tmp:

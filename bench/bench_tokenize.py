@@ -65,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     for path in (args.curated, args.tokenizer):
         if not path.exists():
-            raise SystemExit(f"{path} not found: run `athanor run configs/demo.yaml` first, or pass --curated/--tokenizer")
+            raise SystemExit(f"{path} not found: run `athanor run configs/demo.yaml` or pass --curated/--tokenizer")
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

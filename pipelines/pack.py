@@ -168,10 +168,8 @@ def pack_shards(cfg: AthanorConfig, layout: RunLayout) -> dict:
 
     _clear_previous(layout)
     dtype = token_dtype(tokenizer.vocab_size)
-    packers = {
-        split: _Packer(layout.root, split, tc.seq_len + 1, tc.shard_sequences, dtype, tokenizer.bos_id, tokenizer.eos_id)
-        for split in SPLITS
-    }
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    packers = {s: _Packer(layout.root, s, tc.seq_len + 1, tc.shard_sequences, dtype, bos, eos) for s in SPLITS}
     seen, dropped = 0, Counter()
     previous: tuple[str, str] | None = None
     for batch in ordered.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -22,7 +22,8 @@ from athanor.pipelines.tokenizer import (
 
 
 def _config(**tokenize) -> AthanorConfig:
-    return AthanorConfig.model_validate({"run": {"seed": 7}, "tokenize": {"vocab_size": 800, "sample_docs": 300, **tokenize}})
+    tokenize = {"vocab_size": 800, "sample_docs": 300, **tokenize}
+    return AthanorConfig.model_validate({"run": {"seed": 7}, "tokenize": tokenize})
 
 
 @pytest.fixture(scope="module")
