@@ -13,6 +13,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pyarrow as pa
 import ray
@@ -72,19 +73,24 @@ def _clear_outputs(layout: RunLayout, stages: list[str]) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def run_stage(name: str, stage: Stage, ds: ray.data.Dataset | None, layout: RunLayout, write_dropped: bool):
-    """Run one stage; returns (kept dataset, stats). `in == kept + sum(dropped)` holds by construction."""
+def run_stage(name: str, stage: Stage, ds: ray.data.Dataset | None, layout: RunLayout, write_dropped: bool,
+              writer: ThreadPoolExecutor) -> tuple[ray.data.Dataset, dict, list[Future]]:
+    """Run one stage; returns (kept dataset, stats, pending writes). `in == kept + sum(dropped)` by construction.
+
+    The Parquet writes of a stage run on `writer` threads while the next stage computes: on a small cluster the
+    stages are latency-bound, and overlapping them keeps the cores busy.
+    """
     marked = stage(ds).materialize()
     stats = stage_stats(name, reason_counts(marked))
     write_json(layout.stats(name), stats)
     kept = marked.map_batches(kept_rows, batch_format="pyarrow")
+    writes = []
     if stats["kept"]:
-        kept.write_parquet(str(layout.curated(name)))
+        writes.append(writer.submit(kept.write_parquet, str(layout.curated(name))))
     if write_dropped and stats["in"] > stats["kept"]:
-        marked.map_batches(dropped_rows, fn_kwargs={"stage": name}, batch_format="pyarrow").write_parquet(
-            str(layout.dropped / name)
-        )
-    return kept, stats
+        dropped = marked.map_batches(dropped_rows, fn_kwargs={"stage": name}, batch_format="pyarrow")
+        writes.append(writer.submit(dropped.write_parquet, str(layout.dropped / name)))
+    return kept, stats, writes
 
 
 def _add_sort_key(batch: pa.Table) -> pa.Table:
@@ -120,23 +126,27 @@ def run_curation(cfg: AthanorConfig, layout: RunLayout) -> dict:
     stages = curation_stages(cfg, layout)
     _clear_outputs(layout, [name for name, _ in stages])
 
-    per_stage, seconds, dropped = [], {}, Counter()
+    per_stage, seconds, dropped, writes = [], {}, Counter(), []
     ds = None
-    for name, stage in stages:
-        start = time.perf_counter()
-        if ds is not None and per_stage[-1]["kept"] == 0:
-            stats = stage_stats(name, Counter())  # nothing left to look at: the stage sees 0 documents
-            write_json(layout.stats(name), stats)
-        else:
-            ds, stats = run_stage(name, stage, ds, layout, cfg.curate.write_dropped)
-        per_stage.append(stats)
-        dropped.update(stats["dropped"])
-        seconds[name] = round(time.perf_counter() - start, 3)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="curate-write") as writer:
+        for name, stage in stages:
+            start = time.perf_counter()
+            if ds is not None and per_stage[-1]["kept"] == 0:
+                stats = stage_stats(name, Counter())  # nothing left to look at: the stage sees 0 documents
+                write_json(layout.stats(name), stats)
+            else:
+                ds, stats, stage_writes = run_stage(name, stage, ds, layout, cfg.curate.write_dropped, writer)
+                writes.extend(stage_writes)
+            per_stage.append(stats)
+            dropped.update(stats["dropped"])
+            seconds[name] = round(time.perf_counter() - start, 3)
 
-    start = time.perf_counter()
-    if per_stage[-1]["kept"]:
-        write_final(ds, per_stage[-1]["kept"], layout)
-    seconds[FINAL] = round(time.perf_counter() - start, 3)
+        start = time.perf_counter()
+        if per_stage[-1]["kept"]:
+            write_final(ds, per_stage[-1]["kept"], layout)
+        for write in writes:
+            write.result()  # re-raises a failed write here
+        seconds[FINAL] = round(time.perf_counter() - start, 3)
     summary = {
         "stages": per_stage,
         "in": per_stage[0]["in"],
