@@ -35,6 +35,8 @@ Stage = Callable[[ray.data.Dataset | None], ray.data.Dataset]
 FINAL = "final"
 DOCS_PER_FINAL_FILE = 50_000
 SORT_KEY_HEX_DIGITS = 15  # 60 bits: fits an int64
+
+
 def one_actor() -> ray.data.ActorPoolStrategy:
     """One actor per model-holding UDF: the model is loaded once and memory stays flat."""
     return ray.data.ActorPoolStrategy(size=1)

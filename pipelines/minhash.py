@@ -49,6 +49,8 @@ def fmix32(h: np.ndarray) -> np.ndarray:
 
 
 class MinHasher:
+    """Many documents' signatures in one numpy pass, with datasketch's permutations for (num_perm, seed)."""
+
     def __init__(self, num_perm: int, seed: int):
         a, b = MinHash(num_perm=num_perm, seed=seed).permutations  # the library's permutations, not a copy
         self.a = np.asarray(a, dtype=np.uint32)
