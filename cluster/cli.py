@@ -3,11 +3,14 @@
     athanor run configs/demo.yaml                 curate -> tokenize -> train, one MLflow run
     athanor curate|tokenize|train CONFIG          one stage over the same working folder
     athanor quality train CONFIG                  train the fastText quality classifier alone
+    athanor generate --checkpoint PATH --prompt "..."       sample from a trained checkpoint (KV cache)
+    athanor export --checkpoint PATH --format hf --out DIR  a LlamaForCausalLM folder for transformers
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -34,6 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
     quality = sub.add_parser("quality", help="the fastText quality classifier")
     qsub = quality.add_subparsers(dest="quality_command", required=True)
     _add_config_args(qsub.add_parser("train", help="train it on the config's high/low sources and report P/R"))
+
+    gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
+    gen.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run workdir (newest checkpoint)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+
+    exp = sub.add_parser("export", help="export a checkpoint for other tools")
+    exp.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run workdir (newest checkpoint)")
+    exp.add_argument("--format", choices=["hf"], default="hf")
+    exp.add_argument("--out", required=True, help="output folder")
     return ap
 
 
@@ -67,15 +84,46 @@ def _print_summary(report) -> None:
     print(f"Open it with:  {report.ui_command}")
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from athanor.cluster.checkpoint import TOKENIZER_FILE, load_model
+    from athanor.model.generate import generate
+    from athanor.pipelines.tokenizer import Tokenizer
+
+    model, _, directory = load_model(args.checkpoint)
+    tok = Tokenizer(directory / TOKENIZER_FILE)
+    prompt = [tok.bos_id] + tok.encode([args.prompt])[0]
+    out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, eos_id=tok.eos_id, generator=torch.Generator().manual_seed(args.seed))
+    print(args.prompt + tok.decode(out))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from athanor.cluster.checkpoint import TOKENIZER_FILE, load_model
+    from athanor.model.hf_export import export_hf
+
+    model, mcfg, directory = load_model(args.checkpoint)
+    try:
+        out = export_hf(model, mcfg, directory / TOKENIZER_FILE, args.out)
+    except ValueError as err:  # e.g. an MoE layout Mixtral cannot express
+        raise UserError(str(err)) from None
+    print(f"exported {directory} as a Hugging Face LlamaForCausalLM folder: {out}")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "export":
+        return _export(args)
     cfg = load_config(args.config, args.overrides)
     if args.command == "quality":
         from athanor.layout import RunLayout
         from athanor.pipelines.quality import train_quality_classifier
 
         report = train_quality_classifier(cfg, RunLayout.from_workdir(cfg.run.workdir))
-        import json
-
         print(json.dumps(report, indent=2))
         return 0
 

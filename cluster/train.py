@@ -21,7 +21,7 @@ import torch
 from athanor.config import AthanorConfig, ModelConfig, TrainConfig
 from athanor.layout import RunLayout
 
-CHECKPOINT_FILE = "state.pt"
+from .checkpoint import load_state, save_checkpoint
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -126,7 +126,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+            state = load_state(d)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, loader_state = state["step"], state["loader"]
@@ -179,7 +179,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             mlflow.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
 
         if step % t.checkpoint_every == 0 or step == t.max_steps:
-            _report_with_checkpoint(metrics, rank, core, optimizer, step, loader.state_dict(), mcfg)
+            state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                     "loader": loader.state_dict(), "model_config": mcfg.model_dump(mode="json")}
+            _report_with_checkpoint(metrics, rank, state, layout.tokenizer_model)
     if logging_rank:
         mlflow.end_run()
 
@@ -191,7 +193,7 @@ def _has_split(layout: RunLayout, split: str) -> bool:
     return manifest["splits"].get(split, {}).get("sequences", 0) > 0
 
 
-def _report_with_checkpoint(metrics, rank, core, optimizer, step, loader_state, mcfg: ModelConfig) -> None:
+def _report_with_checkpoint(metrics: dict, rank: int, state: dict, tokenizer_model: Path) -> None:
     """Every rank calls report (it is a barrier); rank 0 attaches the checkpoint (DDP replicas are identical)."""
     import ray.train
 
@@ -199,9 +201,7 @@ def _report_with_checkpoint(metrics, rank, core, optimizer, step, loader_state, 
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as d:
-        torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                    "loader": loader_state, "model_config": mcfg.model_dump(mode="json")},
-                   Path(d) / CHECKPOINT_FILE)
+        save_checkpoint(Path(d), state, tokenizer_model)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -229,13 +229,3 @@ def run_training(cfg: AthanorConfig, layout: RunLayout, mlflow_run_id: str | Non
         ),
     )
     return trainer.fit()
-
-
-def load_checkpoint(path: str | Path) -> tuple[dict, ModelConfig]:
-    """A checkpoint's state (tensors only: weights_only=True refuses pickled code) and its model config."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / CHECKPOINT_FILE
-    state = torch.load(p, map_location="cpu", weights_only=True)
-    return state, ModelConfig.model_validate(state["model_config"])
-

@@ -102,3 +102,27 @@ def test_rerun_of_a_finished_stage_skips_and_keeps_one_mlflow_run(smoke_run):
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     exp = client.get_experiment_by_name("athanor-smoke")
     assert len(client.search_runs([exp.experiment_id])) == 1
+
+
+@pytest.mark.slow
+def test_generate_and_export_from_the_trained_checkpoint(smoke_run, tmp_path):
+    import torch
+
+    from athanor.cluster.checkpoint import find_checkpoint, load_model
+
+    workdir, _ = smoke_run
+    proc = _athanor("generate", "--checkpoint", str(workdir), "--prompt", "The government said", "--max-new-tokens", "12")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("The government said") and len(proc.stdout.strip()) > len("The government said")
+
+    out = tmp_path / "hf"
+    proc = _athanor("export", "--checkpoint", str(workdir), "--format", "hf", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    ours, _, directory = load_model(workdir)
+    assert directory == find_checkpoint(workdir)
+    tokens = torch.randint(0, ours.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(hf(tokens).logits, ours(tokens), atol=1e-4)
