@@ -106,8 +106,12 @@ class TokenizeConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """Llama-style decoder. vocab_size 0 means: take it from the trained tokenizer."""
+    """Llama-style decoder. vocab_size 0 means: take it from the trained tokenizer.
 
+    `preset` (tiny, 125m, 350m, 1b, 7b; see `athanor presets`) supplies the shape; fields set explicitly win.
+    """
+
+    preset: Literal["tiny", "125m", "350m", "1b", "7b"] | None = None
     vocab_size: int = 0
     dim: int = 256
     n_layers: int = 4

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
 
+    sub.add_parser("presets", help="the model presets with their parameter counts and FLOPs per token")
+
     exp = sub.add_parser("export", help="export a checkpoint for other tools")
     exp.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run workdir (newest checkpoint)")
     exp.add_argument("--format", choices=["hf"], default="hf")
@@ -113,7 +115,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _presets() -> int:
+    from athanor.model.flops import flops_per_token, param_count
+    from athanor.model.presets import PRESETS, preset
+
+    print(f"{'preset':<8}{'dim':>6}{'layers':>7}{'heads':>6}{'kv':>4}{'vocab':>8}{'params':>15}"
+          f"{'non-emb':>15}{'GFLOP/tok@2k':>14}")
+    for name in PRESETS:
+        m = preset(name)
+        print(f"{name:<8}{m.dim:>6}{m.n_layers:>7}{m.n_heads:>6}{m.n_kv_heads:>4}{m.vocab_size:>8}"
+              f"{param_count(m):>15,}{param_count(m, exclude_embeddings=True):>15,}"
+              f"{flops_per_token(m, 2048) / 1e9:>14.2f}")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "presets":
+        return _presets()
     if args.command == "generate":
         return _generate(args)
     if args.command == "export":

@@ -26,5 +26,5 @@ def test_bad_field_is_named(tmp_path):
 def test_help_lists_every_stage():
     p = _cli("--help")
     assert p.returncode == 0
-    for cmd in ("run", "curate", "tokenize", "train", "quality"):
+    for cmd in ("run", "curate", "tokenize", "train", "quality", "generate", "export", "presets"):
         assert cmd in p.stdout

@@ -32,3 +32,10 @@ def test_vocab_comes_from_tokenizer_unless_set():
     cfg = load_config(None, ["model.vocab_size=512"])
     with pytest.raises(ValueError, match="smaller than the tokenizer"):
         model_config_for(cfg, 1000)
+
+
+def test_preset_supplies_the_shape_and_explicit_fields_win():
+    cfg = load_config(None, ["model.preset=350m", "model.n_layers=6", "tokenize.seq_len=512"])
+    m = model_config_for(cfg, 4096)
+    assert (m.dim, m.n_heads, m.n_layers, m.vocab_size) == (1024, 16, 6, 4096)
+    assert m.max_seq_len >= 512
