@@ -92,6 +92,11 @@ class CurateConfig(_Section):
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
     write_dropped: bool = True  # keep rejected documents (with their reason) under curated/dropped/ for audit
+    # Ray Data shuffle behind the dedup groupbys and the final sort, set on curation's own datasets only;
+    # the sort-based pull shuffle starts in well under a second where "shuffle_v2" takes seconds on small inputs.
+    shuffle_strategy: Literal["sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle", "shuffle_v2"] = (
+        "sort_shuffle_pull_based"
+    )
 
 
 class TokenizeConfig(_Section):

@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pyarrow as pa
 import ray
 from ray.data import SaveMode
+from ray.data.context import ShuffleStrategy
 from ray.data.datasource import FilenameProvider
 
 from athanor.config import AthanorConfig
@@ -49,10 +50,17 @@ class _PartNames(FilenameProvider):
         return f"part-{task_index:05d}.parquet"
 
 
+def read_stage(cfg: AthanorConfig) -> ray.data.Dataset:
+    """The crawl records, on a context every later dataset of the run inherits (the global one is left alone)."""
+    ds = read_crawl(cfg.data)
+    ds.context.shuffle_strategy = ShuffleStrategy(cfg.curate.shuffle_strategy)
+    return ds
+
+
 def curation_stages(cfg: AthanorConfig, layout: RunLayout) -> list[tuple[str, Stage]]:
     c = cfg.curate
     stages: list[tuple[str, Stage]] = [
-        ("read", lambda _: read_crawl(cfg.data)),
+        ("read", lambda _: read_stage(cfg)),
         ("extract", lambda ds: ds.map_batches(extract_batch, fn_kwargs={"cfg": c.extract}, batch_format="pyarrow")),
         ("langid", lambda ds: ds.map_batches(LanguageIdentifier, fn_constructor_args=(c.langid,),
                                              batch_format="pyarrow", compute=one_actor())),

@@ -7,8 +7,9 @@ import pyarrow as pa
 import pytest
 import ray
 from datasketch import MinHash
+from ray.data.context import ShuffleStrategy
 
-from athanor.config import DedupConfig, ExtractConfig
+from athanor.config import CurateConfig, DedupConfig, ExtractConfig
 from athanor.pipelines.dedup import mark_exact_duplicates, normalize_texts
 from athanor.pipelines.extract import html_to_text
 from athanor.pipelines.minhash import (
@@ -56,7 +57,9 @@ def test_union_find_picks_the_smallest_id_of_each_component():
 
 
 def _docs(texts: dict[str, str]) -> ray.data.Dataset:
-    return ray.data.from_arrow(pa.table({"doc_id": list(texts), "text": list(texts.values())}))
+    ds = ray.data.from_arrow(pa.table({"doc_id": list(texts), "text": list(texts.values())}))
+    ds.context.shuffle_strategy = ShuffleStrategy(CurateConfig().shuffle_strategy)  # as run_curation does
+    return ds
 
 
 def test_exact_dedup_keeps_the_smallest_doc_id(page_texts, ray_local):
