@@ -86,9 +86,10 @@ def warc_rows(path: str, max_docs: int | None = None) -> Iterator[dict]:
             if reason is None and not payload.strip():
                 reason = "empty_html"
             yield _row(path, record.stream_pos, url, payload if reason is None else None, reason)
-            kept += reason is None
-            if max_docs is not None and kept >= max_docs:
-                return
+            if reason is None:
+                kept += 1
+                if kept == max_docs:
+                    return
     except OSError:  # not a WARC (e.g. an ARC file), a corrupt gzip member, or a malformed header
         yield _row(path, FILE_LEVEL_OFFSET, reason="warc_invalid")
 
