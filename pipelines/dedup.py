@@ -27,7 +27,8 @@ def normalize_texts(texts: pa.Array) -> pa.Array:
 def add_text_hash(batch: pa.Table) -> pa.Table:
     """Ray Data UDF: 128-bit hash of the normalized text, as hex (groupby-friendly and collision-safe)."""
     normalized = normalize_texts(batch["text"]).to_pylist()
-    return batch.append_column("text_hash", pa.array([xxhash.xxh3_128_hexdigest(t.encode("utf-8")) for t in normalized]))
+    hashes = [xxhash.xxh3_128_hexdigest(t.encode("utf-8")) for t in normalized]
+    return batch.append_column("text_hash", pa.array(hashes, type=pa.string()))
 
 
 def keep_smallest_doc_id(group: pa.Table) -> pa.Table:

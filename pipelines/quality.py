@@ -69,7 +69,7 @@ def train_quality_classifier(cfg: AthanorConfig, layout: RunLayout) -> dict:
     for label, paths in ((HIGH, q.high), (LOW, q.low)):
         examples = _read_examples(paths, q.min_chars)
         if len(examples) < 2:
-            raise ValueError(f"curate.quality: {label} files give only {len(examples)} examples of >= {q.min_chars} chars")
+            raise ValueError(f"curate.quality: {label} files give {len(examples)} examples of >= {q.min_chars} chars")
         splits[label] = _split(examples, q.valid_fraction, cfg.run.seed)
     rng = random.Random(cfg.run.seed)
     train = [(label, t) for label in splits for t in splits[label][0]]

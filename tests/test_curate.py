@@ -1,4 +1,4 @@
-"""End to end: real pages, the real WARC and three kinds of bad input through every stage, every document accounted for."""
+"""End to end: real pages, the real WARC and three kinds of bad input through every stage, all accounted for."""
 
 from __future__ import annotations
 
@@ -100,8 +100,10 @@ def test_a_run_where_everything_is_dropped_still_finishes(data_dir, tmp_path, ra
     bad = tmp_path / "bad_html"
     bad.mkdir()
     (bad / "empty.html").write_bytes(b"")
-    (bad / "binary.html").write_bytes(gzip.compress(next(iter(sorted((data_dir / "html" / "news").iterdir()))).read_bytes()))
-    cfg = load_config(None, [f"data.html_dirs=[{bad}]", "curate.quality.enabled=false", f"run.workdir={tmp_path / 'run'}"])
+    page = sorted((data_dir / "html" / "news").iterdir())[0]
+    (bad / "binary.html").write_bytes(gzip.compress(page.read_bytes()))
+    overrides = [f"data.html_dirs=[{bad}]", "curate.quality.enabled=false", f"run.workdir={tmp_path / 'run'}"]
+    cfg = load_config(None, overrides)
     summary = run_curation(cfg, RunLayout.from_workdir(cfg.run.workdir))
     assert summary["in"] == 2 and summary["kept"] == 0
     assert summary["dropped"] == {"empty_html": 1, "binary_content": 1}

@@ -46,7 +46,8 @@ def test_extract_decodes_a_non_utf8_page_by_detection(data_dir):
 def test_extract_names_binary_and_empty_results(data_dir, pages):
     binary = gzip.compress(pages[0].read_bytes())  # a gzip body served as HTML
     assert html_to_text(binary, ExtractConfig()) == (None, "binary_content")
-    assert html_to_text(b"<html><body><script>var x = 1;</script></body></html>", ExtractConfig()) == (None, "empty_text")
+    script_only = b"<html><body><script>var x = 1;</script></body></html>"
+    assert html_to_text(script_only, ExtractConfig()) == (None, "empty_text")
 
     batch = pa.table({"doc_id": ["a", "b"], "html": [pages[0].read_bytes(), binary]})
     out = extract_batch(batch, ExtractConfig())
@@ -56,7 +57,8 @@ def test_extract_names_binary_and_empty_results(data_dir, pages):
 
 def test_langid_keeps_english_pages_and_names_other_languages(data_dir, texts):
     lid = LanguageIdentifier(LangIdConfig(model_path=str(data_dir / "models" / "lid.176.ftz")))
-    french = "Le gouvernement a annoncé mardi une série de mesures pour soutenir les agriculteurs touchés par la sécheresse."
+    french = ("Le gouvernement a annoncé mardi une série de mesures pour soutenir les agriculteurs "
+              "touchés par la sécheresse.")
     out = lid(pa.table({"text": texts + [french]}))
     langs = out["lang"].to_pylist()
     assert langs.count("en") >= 0.9 * len(texts)

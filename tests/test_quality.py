@@ -18,8 +18,9 @@ HIGH_FILES = ["lee_background.txt", "alice29.txt", "lcet10.txt", "plrabn12.txt"]
 
 def quality_config(data_dir, tmp_path):
     high = ",".join(str(data_dir / "quality" / "high" / f) for f in HIGH_FILES)
-    return load_config(None, [f"curate.quality.high=[{high}]", f"curate.quality.low=[{data_dir / 'quality' / 'low' / 'sms.txt'}]",
-                              f"run.workdir={tmp_path}"])
+    low = data_dir / "quality" / "low" / "sms.txt"
+    overrides = [f"curate.quality.high=[{high}]", f"curate.quality.low=[{low}]", f"run.workdir={tmp_path}"]
+    return load_config(None, overrides)
 
 
 @pytest.fixture(scope="module")

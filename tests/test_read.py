@@ -43,7 +43,8 @@ def test_truncated_warc_keeps_records_before_the_break(data_dir, tmp_path):
     assert rows[-1]["drop_reason"] == "warc_truncated" and rows[-1]["offset"] == FILE_LEVEL_OFFSET
     before = rows[:-1]
     assert len(before) > 10
-    assert [(r["offset"], r["drop_reason"]) for r in before] == [(r["offset"], r["drop_reason"]) for r in full[: len(before)]]
+    same_start = full[: len(before)]
+    assert [(r["offset"], r["drop_reason"]) for r in before] == [(r["offset"], r["drop_reason"]) for r in same_start]
 
 
 def test_pywb_odd_files_give_rows_or_named_quarantine(data_dir):
