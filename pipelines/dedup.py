@@ -2,7 +2,8 @@
 
 Normalization (lowercase, punctuation/symbols/digits removed, whitespace collapsed) makes copies that differ only in
 formatting count as identical, as in CCNet and DataTrove. Groups are formed with a Ray Data groupby on the text hash,
-so no single process has to see every hash. Signal column `text_hash`; drop reason `exact_duplicate`.
+so no single process has to see every hash. Signal columns `text_hash`, `exact_dup_of` (the survivor); drop reason
+`exact_duplicate`.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ def add_text_hash(batch: pa.Table) -> pa.Table:
 
 
 def keep_smallest_doc_id(group: pa.Table) -> pa.Table:
-    """One group of identical texts: the smallest doc_id survives, the others are `exact_duplicate`."""
+    """One group of identical texts: the smallest doc_id survives, the others are `exact_duplicate` of it."""
     survivor = pc.min(group["doc_id"]).as_py()
-    return mark(group, [None if d == survivor else "exact_duplicate" for d in group["doc_id"].to_pylist()])
+    dup_of = [None if d == survivor else survivor for d in group["doc_id"].to_pylist()]
+    out = group.append_column("exact_dup_of", pa.array(dup_of, type=pa.string()))
+    return mark(out, [None if s is None else "exact_duplicate" for s in dup_of])
 
 
 def mark_exact_duplicates(ds: ray.data.Dataset, num_partitions: int) -> ray.data.Dataset:

@@ -68,8 +68,9 @@ def test_exact_dedup_keeps_the_smallest_doc_id(page_texts, ray_local):
     texts["doc9"] = "  " + texts["doc1"].upper().replace(".", " .") + "\n"  # same words, other formatting
     texts["doc0b"] = texts["doc0"]
     rows = mark_exact_duplicates(_docs(texts), num_partitions=2).take_all()
-    reasons = {r["doc_id"]: r["drop_reason"] for r in rows}
-    assert reasons == {**{d: None for d in texts}, "doc9": "exact_duplicate", "doc0b": "exact_duplicate"}
+    reasons = {r["doc_id"]: (r["drop_reason"], r["exact_dup_of"]) for r in rows}
+    expected = {d: (None, None) for d in texts}
+    assert reasons == {**expected, "doc9": ("exact_duplicate", "doc1"), "doc0b": ("exact_duplicate", "doc0")}
 
 
 def test_near_dedup_finds_real_lookalikes_and_small_edits(page_texts, ray_local):
