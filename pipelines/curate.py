@@ -28,7 +28,7 @@ from athanor.pipelines.extract import extract_batch
 from athanor.pipelines.heuristics import heuristics_batch
 from athanor.pipelines.langid import LanguageIdentifier
 from athanor.pipelines.minhash import mark_near_duplicates_stage
-from athanor.pipelines.quality import QualityScorer, model_path, train_quality_classifier
+from athanor.pipelines.quality import QualityScorer, model_is_current, model_path, train_quality_classifier
 from athanor.pipelines.read import read_crawl
 from athanor.pipelines.stats import dropped_rows, kept_rows, reason_counts, stage_stats, write_json
 
@@ -131,7 +131,7 @@ def write_final(kept: ray.data.Dataset, num_docs: int, layout: RunLayout) -> Non
 
 def run_curation(cfg: AthanorConfig, layout: RunLayout) -> dict:
     """Curate `cfg.data` into `layout.curated("final")`; returns the summary also written to stats/curation.json."""
-    if cfg.curate.quality.enabled and not model_path(layout).is_file():
+    if cfg.curate.quality.enabled and not model_is_current(cfg, layout):
         train_quality_classifier(cfg, layout)
     stages = curation_stages(cfg, layout)
     _clear_outputs(layout, [name for name, _ in stages])

@@ -8,6 +8,7 @@ Scoring is a class UDF (the model loads once per actor); signal `quality_score`,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -29,6 +30,21 @@ REPORT_FILE = "report.json"
 
 def model_path(layout: RunLayout) -> Path:
     return layout.quality_dir / MODEL_FILE
+
+
+def training_fingerprint(cfg: AthanorConfig) -> str:
+    """Hash of everything training reads (files, hyperparameters, seed); the threshold only affects scoring."""
+    fields = cfg.curate.quality.model_dump(mode="json", exclude={"enabled", "threshold"})
+    payload = json.dumps({"quality": fields, "seed": cfg.run.seed}, sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def model_is_current(cfg: AthanorConfig, layout: RunLayout) -> bool:
+    """A model exists and was trained from this config (a changed config must not reuse a stale model)."""
+    report = layout.quality_dir / REPORT_FILE
+    if not model_path(layout).is_file() or not report.is_file():
+        return False
+    return json.loads(report.read_text()).get("fingerprint") == training_fingerprint(cfg)
 
 
 def split_examples(text: str, min_chars: int) -> list[str]:
@@ -89,6 +105,7 @@ def train_quality_classifier(cfg: AthanorConfig, layout: RunLayout) -> dict:
     per_label = model.test_label(str(valid_file))
     report = {
         "model": str(model_path(layout)),
+        "fingerprint": training_fingerprint(cfg),
         "examples": {
             "train": {label: len(splits[label][0]) for label in splits},
             "valid": {label: len(splits[label][1]) for label in splits},

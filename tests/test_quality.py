@@ -11,7 +11,15 @@ import pytest
 from athanor.config import ExtractConfig, load_config
 from athanor.layout import RunLayout
 from athanor.pipelines.extract import html_to_text
-from athanor.pipelines.quality import HIGH, LOW, QualityScorer, model_path, split_examples, train_quality_classifier
+from athanor.pipelines.quality import (
+    HIGH,
+    LOW,
+    QualityScorer,
+    model_is_current,
+    model_path,
+    split_examples,
+    train_quality_classifier,
+)
 
 HIGH_FILES = ["lee_background.txt", "alice29.txt", "lcet10.txt", "plrabn12.txt"]
 
@@ -48,6 +56,16 @@ def test_training_writes_model_and_a_held_out_report(trained):
         n_train, n_valid = report["examples"]["train"][label], report["examples"]["valid"][label]
         assert n_valid == round((n_train + n_valid) * cfg.curate.quality.valid_fraction)
         assert report["valid_metrics"][label]["f1score"] > 0.85  # news+books vs SMS is an easy, real split
+
+
+def test_a_model_is_current_only_for_the_config_it_was_trained_from(trained):
+    cfg, layout, _ = trained
+    assert model_is_current(cfg, layout)
+    other = cfg.model_copy(deep=True)
+    other.curate.quality.threshold = 0.99  # scoring only: the model still fits
+    assert model_is_current(other, layout)
+    other.curate.quality.epochs = 3
+    assert not model_is_current(other, layout)
 
 
 def test_training_split_is_deterministic(trained, data_dir, tmp_path):
