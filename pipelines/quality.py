@@ -127,7 +127,8 @@ class QualityScorer:
 
     def scores(self, texts: list[str]) -> np.ndarray:
         labels, probs = self.model.predict([one_line(t) for t in texts], k=2)
-        return np.array([dict(zip(lab, p)).get(HIGH, 0.0) for lab, p in zip(labels, probs)], dtype=np.float64)
+        p_high = np.array([dict(zip(lab, p)).get(HIGH, 0.0) for lab, p in zip(labels, probs)], dtype=np.float64)
+        return np.clip(p_high, 0.0, 1.0)  # fastText's softmax can overshoot 1 by a few ulps
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         scores = self.scores(batch["text"].to_pylist())
