@@ -1,8 +1,16 @@
-"""Tokenizer throughput: SentencePiece through the pack stage's Ray Data actor pool vs bare SentencePiece.
+"""Tokenizer throughput: the pack stage's Ray Data encoding vs bare SentencePiece, side by side, per CPU.
 
-Bare runs encode texts already in memory, in one process, with 1 thread and with every core. The Ray runs are the
-real pack path: read the curated Parquet, encode in an actor pool of N actors (one CPU each, the tokenizer loaded
-once per actor), and stream the token lists back to the driver; they include the Parquet read and actor start-up.
+Bare runs encode texts already in memory, in one process, with 1 thread and with one thread per core. The Ray runs
+are the real pack path (`encode_in_order`): read the curated Parquet, encode in an actor pool (one CPU per actor,
+the tokenizer loaded once per actor) and stream the tokens to the driver in doc_id order. They include the Parquet
+read and actor start-up (reported separately as the time to the first batch). The corpus is the curated text
+repeated `--repeat` times, written as curation writes it (sorted, each file one doc_id range); the "unordered" row
+writes the same documents round-robin over the files, which sends them through the global sort instead.
+
+Each comparison is 1 CPU against 1 CPU (bare 1 thread vs a pool of 1 actor) and all cores against all cores (bare
+one thread per core vs a pool of one actor per core). Ray is told cores + 1 logical CPUs so that a full pool still
+leaves a slot for the (light) read tasks; the driver and read tasks share the machine with the actors either way.
+The machine may be busy, so every trial runs all methods back to back and the table reports medians over trials.
 
     python bench/bench_tokenize.py --curated runs/demo/curated/final --tokenizer runs/demo/tokenizer/tokenizer.model
 """
@@ -11,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -20,72 +29,96 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from athanor.pipelines.pack import EncodeDocuments, encode_pool_size
+from athanor.pipelines.pack import encode_in_order
 from athanor.pipelines.tokenizer import Tokenizer
 
 
-def replicate(curated: Path, out: Path, repeat: int, files: int) -> list[str]:
-    """The curated texts repeated `repeat` times (for a measurable run), written as `files` Parquet files."""
+def replicate(curated: Path, out: Path, repeat: int, files: int, ordered: bool) -> list[str]:
+    """The curated texts repeated `repeat` times, as `files` Parquet files; returns the texts in doc_id order.
+
+    `ordered` writes consecutive doc_id ranges (as curation does), otherwise documents go round-robin over files.
+    """
     table = pq.read_table(curated, columns=["doc_id", "text"])
-    texts = table.column("text").to_pylist() * repeat
-    doc_ids = [f"{doc_id}-{r}" for r in range(repeat) for doc_id in table.column("doc_id").to_pylist()]
+    rows = sorted(
+        (f"{doc_id}-{r:03d}", text)
+        for r in range(repeat)
+        for doc_id, text in zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist())
+    )
+    out.mkdir(parents=True)
     for k in range(files):
-        pq.write_table(pa.table({"doc_id": doc_ids[k::files], "text": texts[k::files]}), out / f"part-{k:03d}.parquet")
-    return texts
+        part = rows[k * len(rows) // files : (k + 1) * len(rows) // files] if ordered else rows[k::files]
+        pq.write_table(pa.table({"doc_id": [d for d, _ in part], "text": [t for _, t in part]}),
+                       out / f"part-{k:05d}.parquet")
+    return [text for _, text in rows]
 
 
-def bare(model: Path, texts: list[str], threads: int) -> tuple[int, float]:
+def bare(model: Path, texts: list[str], threads: int) -> tuple[int, float, float]:
     tok = Tokenizer(model, num_threads=threads)
     t0 = time.perf_counter()
     tokens = sum(len(ids) for ids in tok.encode(texts))
-    return tokens, time.perf_counter() - t0
+    return tokens, time.perf_counter() - t0, 0.0
 
 
-def through_ray(model: Path, folder: Path, actors: int) -> tuple[int, float]:
+def through_ray(model: Path, folder: Path, actors: int) -> tuple[int, float, float]:
+    """Tokens, seconds, and seconds to the first batch (read planning + actor start-up + the first batch)."""
     t0 = time.perf_counter()
-    ds = ray.data.read_parquet(str(folder)).map_batches(
-        EncodeDocuments,
-        fn_constructor_kwargs={"model_path": str(model), "seed": 0, "val_fraction": 0.0},
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        batch_format="pyarrow",
-        batch_size=256,
-    )
-    tokens = 0
+    ds = encode_in_order(sorted(folder.glob("*.parquet")), model, seed=0, val_fraction=0.0, actors=actors)
+    tokens, first = 0, None
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        first = first or time.perf_counter() - t0
         tokens += pc.sum(pc.list_value_length(batch.column("tokens"))).as_py() or 0
-    return tokens, time.perf_counter() - t0
+    return tokens, time.perf_counter() - t0, first or 0.0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--curated", type=Path, default=Path("runs/demo/curated/final"))
     parser.add_argument("--tokenizer", type=Path, default=Path("runs/demo/tokenizer/tokenizer.model"))
-    parser.add_argument("--repeat", type=int, default=8, help="replicate the corpus this many times")
-    parser.add_argument("--actors", type=int, nargs="+", help="pool sizes (default 1, 2, 4, ... up to cores - 1)")
+    parser.add_argument("--repeat", type=int, default=16, help="replicate the corpus this many times")
+    parser.add_argument("--files", type=int, default=8, help="Parquet files to spread the corpus over")
+    parser.add_argument("--trials", type=int, default=3, help="run every method this many times; report medians")
     args = parser.parse_args()
     for path in (args.curated, args.tokenizer):
         if not path.exists():
             raise SystemExit(f"{path} not found: run `athanor run configs/demo.yaml` or pass --curated/--tokenizer")
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    cores = os.cpu_count() or 1
+    ray.init(num_cpus=cores + 1, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    most = encode_pool_size(os.cpu_count())
-    actors = sorted({min(n, most) for n in args.actors}) if args.actors else [2**k for k in range(most.bit_length())]
     with tempfile.TemporaryDirectory() as tmp:
-        texts = replicate(args.curated, Path(tmp), args.repeat, files=max(actors) * 4)
-        rows = [("bare SentencePiece, 1 thread", *bare(args.tokenizer, texts, 1))]
-        rows.append((f"bare SentencePiece, {os.cpu_count()} threads", *bare(args.tokenizer, texts, -1)))
-        for n in actors:
-            rows.append((f"Ray Data actor pool, {n} actor(s)", *through_ray(args.tokenizer, Path(tmp), n)))
+        ordered, unordered = Path(tmp, "ordered"), Path(tmp, "unordered")
+        texts = replicate(args.curated, ordered, args.repeat, args.files, ordered=True)
+        replicate(args.curated, unordered, args.repeat, args.files, ordered=False)
+        methods = [  # (name, CPUs it may use, run)
+            ("bare SentencePiece, 1 thread", 1, lambda: bare(args.tokenizer, texts, 1)),
+            ("Ray pool, 1 actor", 1, lambda: through_ray(args.tokenizer, ordered, 1)),
+            ("Ray pool, 1 actor, unordered files", 1, lambda: through_ray(args.tokenizer, unordered, 1)),
+        ]
+        if cores > 1:
+            methods += [
+                (f"bare SentencePiece, {cores} threads", cores, lambda: bare(args.tokenizer, texts, cores)),
+                (f"Ray pool, {cores} actors", cores, lambda: through_ray(args.tokenizer, ordered, cores)),
+            ]
+        runs: dict[str, list[tuple[int, float, float]]] = {name: [] for name, _, _ in methods}
+        for _ in range(args.trials):
+            for name, _, run in methods:
+                runs[name].append(run())
     ray.shutdown()
 
-    baseline = rows[0][1] / rows[0][2]
-    print(f"\n{len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f} M characters, {os.cpu_count()} cores\n")
-    print(f"{'method':<40} {'tokens':>12} {'seconds':>9} {'tokens/s':>12} {'vs bare 1 thread':>17}")
-    for name, tokens, seconds in rows:
-        rate = tokens / seconds
-        print(f"{name:<40} {tokens:>12,} {seconds:>9.2f} {rate:>12,.0f} {rate / baseline:>16.2f}x")
-
+    print(f"\n{len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f} M characters, {cores} cores, "
+          f"median of {args.trials} trials (ratios are paired with the bare run of the same trial)\n")
+    print(f"{'method':<36} {'CPUs':>4} {'tokens':>11} {'seconds':>8} {'1st batch s':>11} {'tokens/s/CPU':>13} "
+          f"{'vs bare, same CPUs':>19}")
+    baseline = {}  # CPUs -> the bare method's runs
+    for name, cpus, _ in methods:
+        tokens = runs[name][0][0]
+        assert all(t == tokens for t, _, _ in runs[name]), f"{name}: token counts differ between trials"
+        base = baseline.setdefault(cpus, runs[name])
+        ratio = statistics.median(b / s for (_, s, _), (_, b, _) in zip(runs[name], base))
+        seconds = statistics.median(s for _, s, _ in runs[name])
+        first = statistics.median(f for _, _, f in runs[name])
+        print(f"{name:<36} {cpus:>4} {tokens:>11,} {seconds:>8.2f} {first:>11.2f} {tokens / seconds / cpus:>13,.0f} "
+              f"{ratio:>18.2f}x")
 
 if __name__ == "__main__":
     main()

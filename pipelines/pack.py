@@ -5,6 +5,10 @@ the same opening context it will see at inference (Llama-style prompts start wit
 in doc_id order and cut into non-overlapping windows (inputs = w[:-1], targets = w[1:]), so the same corpus and
 config give byte-identical shards however Ray scheduled the work. Train and validation are split by a seeded hash of
 doc_id, so no document lands in both. Only each split's final partial window is dropped, and its tokens are counted.
+
+Curation writes `curated/final` already in doc_id order (each part sorted, part-i holding the i-th doc_id range), so
+the encoded stream is put in order by reading the files in name order, not by a global sort: the sort's shuffle cost
+more than the encoding itself. The order is checked on the doc_id column first; any other input is sorted.
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ import json
 import logging
 import os
 from collections import Counter
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import xxhash
 
@@ -38,6 +45,7 @@ class EncodeDocuments:
 
     def __init__(self, model_path: str, seed: int, val_fraction: float):
         self.tokenizer = Tokenizer(model_path, num_threads=1)  # the actor holds one CPU
+        self.dtype = token_dtype(self.tokenizer.vocab_size)  # the shards' dtype: half the bytes to ship for uint16
         self.seed = seed
         self.val_fraction = val_fraction
 
@@ -52,7 +60,7 @@ class EncodeDocuments:
         lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
         offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        flat = np.fromiter((t for ids in encoded for t in ids), dtype=np.int32, count=int(offsets[-1]))
+        flat = np.fromiter(chain.from_iterable(encoded), dtype=self.dtype, count=int(offsets[-1]))
         return pa.table(
             {
                 "doc_id": pa.array([d or "" for d in doc_ids], pa.string()),
@@ -128,6 +136,60 @@ def encode_pool_size(requested: int) -> int:
     return max(1, min(requested, int(ray.cluster_resources().get("CPU", 1)) - 1))
 
 
+def in_doc_id_order(files: list[Path]) -> bool:
+    """Whether reading `files` one after another yields strictly increasing doc_ids (none missing).
+
+    Reads only the doc_id column, one file at a time. Strictly increasing means no duplicate ids either, so this
+    order is exactly the one the sort by (doc_id, text hash) would produce.
+    """
+    last = None
+    for path in files:
+        ids = pq.read_table(path, columns=["doc_id"]).column("doc_id").combine_chunks()
+        if ids.null_count:
+            return False
+        if len(ids) == 0:
+            continue
+        if last is not None and not ids[0].as_py() > last:
+            return False
+        if len(ids) > 1 and not pc.all(pc.greater(ids[1:], ids[:-1])).as_py():
+            return False
+        last = ids[-1].as_py()
+    return True
+
+
+def read_curated(files: list[Path]) -> ray.data.Dataset:
+    """doc_id and text of `files`, in file order, through Ray Data's V1 Parquet reader.
+
+    The V2 reader (Ray's default since 2.5x) plans the read with a ListFiles task that spends seconds waiting on its
+    thread pool, and bin-packs small files into a single read task; V1 reads each file in its own task, at once.
+    """
+    ctx = ray.data.DataContext.get_current()
+    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False  # read_parquet checks the flag only when called
+    try:
+        return ray.data.read_parquet([str(f) for f in files], columns=["doc_id", "text"])
+    finally:
+        ctx.use_datasource_v2 = v2
+
+
+def encode_in_order(files: list[Path], model_path: Path, seed: int, val_fraction: float, actors: int):
+    """The encoded documents of `files` (see EncodeDocuments), as a Ray Dataset that iterates in (doc_id, text hash)
+    order: file order when `in_doc_id_order(files)`, else a global sort."""
+    encoded = read_curated(files).map_batches(
+        EncodeDocuments,
+        fn_constructor_kwargs={"model_path": str(model_path), "seed": seed, "val_fraction": val_fraction},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=encode_pool_size(actors)),
+        batch_format="pyarrow",
+        batch_size=1024,
+    )
+    if in_doc_id_order(files):
+        ordered = encoded
+    else:
+        encoded.context.default_hash_shuffle_parallelism = len(files)  # one sort partition per curated file
+        ordered = encoded.sort(["doc_id", "text_hash"])
+    ordered.context.execution_options.preserve_order = True  # stream blocks to the packer in key order
+    return ordered
+
+
 def _clear_previous(layout: RunLayout) -> None:
     """A re-run must not leave stale shards beside new ones; the manifest goes first so no reader sees a mix."""
     layout.manifest.unlink(missing_ok=True)
@@ -151,20 +213,7 @@ def pack_shards(cfg: AthanorConfig, layout: RunLayout) -> dict:
     files = sorted(layout.curated("final").glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no curated Parquet files in {layout.curated('final')} (run curation first)")
-    encoded = ray.data.read_parquet([str(f) for f in files]).select_columns(["doc_id", "text"]).map_batches(
-        EncodeDocuments,
-        fn_constructor_kwargs={
-            "model_path": str(layout.tokenizer_model),
-            "seed": cfg.run.seed,
-            "val_fraction": tc.val_fraction,
-        },
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=encode_pool_size(tc.encode_actors)),
-        batch_format="pyarrow",
-        batch_size=256,
-    )
-    encoded.context.default_hash_shuffle_parallelism = len(files)  # one sort partition per curated file
-    ordered = encoded.sort(["doc_id", "text_hash"])
-    ordered.context.execution_options.preserve_order = True  # stream partitions to the packer in key order
+    ordered = encode_in_order(files, layout.tokenizer_model, cfg.run.seed, tc.val_fraction, tc.encode_actors)
 
     _clear_previous(layout)
     dtype = token_dtype(tokenizer.vocab_size)
