@@ -28,9 +28,18 @@ class RunConfig(_Section):
 class DataConfig(_Section):
     """Raw inputs. Relative paths are resolved against the current directory."""
 
-    html_dirs: list[str] = Field(default_factory=list)  # folders of *.html / *.htm files
+    html_dirs: list[str] = Field(default_factory=list)  # folders of *.html / *.htm files (local or s3://)
     warc_files: list[str] = Field(default_factory=list)  # WARC files or globs (.warc / .warc.gz)
+    jsonl_files: list[str] = Field(default_factory=list)  # JSON Lines files or globs, one document per line (.gz ok)
+    parquet_files: list[str] = Field(default_factory=list)  # Parquet files or globs, one document per row
+    text_field: str = "text"  # JSONL/Parquet field holding the document's text
+    id_field: str = "id"  # JSONL/Parquet field holding the record's own id, when there is one
+    url_field: str = "url"  # JSONL/Parquet field holding the document's URL, when there is one
     max_docs_per_source: int | None = None  # cap for quick runs; None reads everything
+    max_record_bytes: int = Field(10 * 2**20, ge=1)  # bigger records are dropped as `too_large`, never read whole
+    # S3-compatible endpoint (MinIO, moto) for s3:// inputs; None: $AWS_ENDPOINT_URL, else AWS itself.
+    # Credentials come from the AWS_* environment variables only.
+    s3_endpoint_override: str | None = None
 
 
 class ExtractConfig(_Section):

@@ -35,7 +35,9 @@ def html_to_text(html: bytes, cfg: ExtractConfig) -> tuple[str | None, str | Non
 
 
 def extract_batch(batch: pa.Table, cfg: ExtractConfig) -> pa.Table:
-    """Ray Data UDF: replaces the `html` column with `text`."""
-    results = [html_to_text(h, cfg) for h in batch["html"].to_pylist()]
-    out = batch.drop_columns(["html"]).append_column("text", pa.array([t for t, _ in results], type=pa.string()))
+    """Ray Data UDF: replaces the `html` column with `text`; rows read as text (JSONL, Parquet) keep it unchanged."""
+    given = batch["text"].to_pylist() if "text" in batch.column_names else [None] * batch.num_rows
+    results = [(t, None) if t is not None else html_to_text(h, cfg) for h, t in zip(batch["html"].to_pylist(), given)]
+    out = batch.drop_columns([c for c in ("html", "text") if c in batch.column_names])
+    out = out.append_column("text", pa.array([t for t, _ in results], type=pa.string()))
     return mark(out, [r for _, r in results])

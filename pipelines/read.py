@@ -1,20 +1,32 @@
-"""Read raw crawl input (HTML files and WARC records) into rows that carry their provenance.
+"""Read raw input (HTML folders, WARC, JSONL, Parquet; local or s3://) into rows that carry their provenance.
 
-One Ray read task per WARC file (and one per group of HTML files), each yielding small blocks as it goes, so memory
-stays bounded by a block, not by a file. Every record leaves the reader as a row: a document (`html` bytes,
-`drop_reason` None) or a named drop (`warc_not_response`, `warc_revisit`, `warc_not_html`, `empty_html`). A file that
-breaks mid-way keeps the records read before the break and adds one file-level quarantine row (`warc_truncated`,
-`warc_invalid`, `unreadable_file`) with `offset` -1, so a broken input is counted, never a traceback.
+One Ray read task per WARC/JSONL/Parquet file (and one per group of HTML files), each streaming its file and yielding
+blocks bounded in rows and bytes, so memory stays bounded by a block, not by a file. Every record leaves the reader as
+a row: a document (`html` bytes, or `text` for JSONL/Parquet records, `drop_reason` None) or a named drop
+(`warc_not_response`, `warc_revisit`, `warc_not_html`, `empty_html`, `empty_text`, `too_large`, `binary_content`,
+`undecodable`, `bad_json`, `missing_text`). A file that breaks mid-way keeps the records read before the break and adds
+one file-level quarantine row (`warc_truncated`, `warc_invalid`, `parquet_invalid`, `unreadable_file`) with `offset`
+-1; so do a file with no records (`empty_file`) and a Parquet file without the text column (`bad_schema`): a broken
+input is counted, never a traceback.
+
+Files are opened through pyarrow filesystems; `s3://` goes to `data.s3_endpoint_override` or $AWS_ENDPOINT_URL, with
+credentials taken from the AWS_* environment variables only (forwarded from the driver to the read tasks).
 """
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import glob
 import hashlib
-from collections.abc import Iterator
-from pathlib import Path
+import io
+import json
+import os
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 from ray.data.block import BlockMetadata
@@ -26,42 +38,70 @@ SCHEMA = pa.schema(
     [
         ("doc_id", pa.string()),
         ("source", pa.string()),
-        ("offset", pa.int64()),  # byte offset of the WARC record (gzip member) in its file; 0 for an HTML file
+        # WARC: byte offset of the record (gzip member); JSONL: 0-based line number; Parquet: row index; HTML file: 0
+        ("offset", pa.int64()),
         ("url", pa.string()),
-        ("html", pa.binary()),
+        ("html", pa.binary()),  # HTML inputs; None for records that come as text
+        ("text", pa.string()),  # JSONL/Parquet inputs; extraction passes it on unchanged
         ("drop_reason", pa.string()),
     ]
 )
 FILE_LEVEL_OFFSET = -1  # quarantine rows describe a whole file, not one record
 ROWS_PER_BLOCK = 256
+BYTES_PER_BLOCK = 32 * 2**20  # a block is flushed at this many payload bytes even when it has fewer rows
 HTML_FILES_PER_TASK = 32
 HTML_SUFFIXES = (".html", ".htm")
 HTML_CONTENT_TYPES = ("text/html", "application/xhtml+xml")
+SKIP_CHUNK = 2**20  # a dropped WARC payload or the rest of an over-long JSONL line is read through this much at a time
+AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
-def doc_id_for(source: str, offset: int) -> str:
-    """Deterministic id from where the record lives, so reruns and reshuffles agree on identity."""
-    return hashlib.sha1(f"{source}@{offset}".encode()).hexdigest()[:24]
+def doc_id_for(source: str, offset: int, record_id: str | None = None) -> str:
+    """Deterministic id from where the record lives (or its own id there), so reruns and reshuffles agree."""
+    where = f"{source}@{offset}" if record_id is None else f"{source}#{record_id}"
+    return hashlib.sha1(where.encode()).hexdigest()[:24]
 
 
-def _row(source: str, offset: int, url: str | None = None, html: bytes | None = None, reason: str | None = None):
-    return {"doc_id": doc_id_for(source, offset), "source": source, "offset": offset, "url": url, "html": html,
-            "drop_reason": reason}
+def _row(source: str, offset: int, url: str | None = None, html: bytes | None = None, reason: str | None = None,
+         text: str | None = None, record_id: str | None = None) -> dict:
+    return {"doc_id": doc_id_for(source, offset, record_id), "source": source, "offset": offset, "url": url,
+            "html": html, "text": text, "drop_reason": reason}
 
 
-def html_file_rows(path: str) -> Iterator[dict]:
-    try:
-        payload = Path(path).read_bytes()
-    except OSError:
-        yield _row(path, FILE_LEVEL_OFFSET, reason="unreadable_file")
-        return
-    if not payload.strip():
-        yield _row(path, 0, reason="empty_html")
+@functools.lru_cache(maxsize=4)
+def _s3(endpoint: str | None) -> pafs.S3FileSystem:
+    env = os.environ
+    kwargs = {"endpoint_override": endpoint} if endpoint else {}
+    if region := env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):
+        kwargs["region"] = region
+    if "AWS_ACCESS_KEY_ID" in env:
+        kwargs.update(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env.get("AWS_SECRET_ACCESS_KEY"),
+                      session_token=env.get("AWS_SESSION_TOKEN"))
     else:
-        yield _row(path, 0, html=payload)
+        kwargs["anonymous"] = True  # public buckets; never the SDK's credential files
+    return pafs.S3FileSystem(**kwargs)
 
 
-def _record_drop_reason(record) -> str | None:
+def filesystem_for(uri: str, data: DataConfig) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or an s3:// URI."""
+    if uri.startswith("s3://"):
+        return _s3(data.s3_endpoint_override or os.environ.get("AWS_ENDPOINT_URL")), uri.removeprefix("s3://")
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def html_file_rows(uri: str, data: DataConfig = DataConfig()) -> Iterator[dict]:
+    fs, path = filesystem_for(uri, data)
+    with fs.open_input_file(path) as f:
+        if f.size() > data.max_record_bytes:
+            yield _row(uri, 0, reason="too_large")
+            return
+        payload = f.read()
+    yield _row(uri, 0, reason="empty_html") if not payload.strip() else _row(uri, 0, html=payload)
+
+
+def _record_drop_reason(record, max_bytes: int) -> str | None:
     if record.record_type == WarcRecordType.revisit:
         return "warc_revisit"
     if record.record_type != WarcRecordType.response:
@@ -69,92 +109,214 @@ def _record_drop_reason(record) -> str | None:
     content_type = (record.http_content_type or "").lower() if record.is_http else ""
     if not content_type.startswith(HTML_CONTENT_TYPES):
         return "warc_not_html"
+    if record.content_length > max_bytes:
+        return "too_large"
     return None
 
 
-def warc_rows(path: str, max_docs: int | None = None) -> Iterator[dict]:
-    """Rows for every record of one WARC file; stops after `max_docs` HTML documents."""
-    kept = 0
-    try:
-        for record in ArchiveIterator(path, parse_http=True):
-            payload = record.reader.read()
-            if len(payload) < record.content_length:  # the file ended inside this record
-                yield _row(path, FILE_LEVEL_OFFSET, reason="warc_truncated")
-                return
-            url = record.headers.get("WARC-Target-URI")
-            reason = _record_drop_reason(record)
-            if reason is None and not payload.strip():
-                reason = "empty_html"
-            yield _row(path, record.stream_pos, url, payload if reason is None else None, reason)
-            if reason is None:
-                kept += 1
-                if kept == max_docs:
+def _skip(reader) -> int:
+    """Read a payload through in chunks, holding none of it: how many bytes it had."""
+    total = 0
+    while chunk := reader.read(SKIP_CHUNK):
+        total += len(chunk)
+    return total
+
+
+def warc_rows(uri: str, data: DataConfig = DataConfig()) -> Iterator[dict]:
+    """Rows for every record of one WARC file, streamed: a dropped record's payload is skipped, never held."""
+    fs, path = filesystem_for(uri, data)
+    with fs.open_input_file(path) as f:
+        try:
+            for record in ArchiveIterator(f, parse_http=True):
+                url = record.headers.get("WARC-Target-URI")
+                reason = _record_drop_reason(record, data.max_record_bytes)
+                payload = record.reader.read() if reason is None else None
+                length = len(payload) if reason is None else _skip(record.reader)
+                if length < record.content_length:  # the file ended inside this record
+                    yield _row(uri, FILE_LEVEL_OFFSET, reason="warc_truncated")
                     return
-    except OSError:  # not a WARC (e.g. an ARC file), a corrupt gzip member, or a malformed header
-        yield _row(path, FILE_LEVEL_OFFSET, reason="warc_invalid")
+                if reason is None and not payload.strip():
+                    reason, payload = "empty_html", None
+                yield _row(uri, record.stream_pos, url, payload, reason)
+        except OSError:  # not a WARC (e.g. an ARC file), a corrupt gzip member, or a malformed header
+            yield _row(uri, FILE_LEVEL_OFFSET, reason="warc_invalid")
+
+
+def _text_row(source: str, offset: int, record, data: DataConfig) -> dict:
+    """A JSONL/Parquet record as a row: its text, URL and id where the configured fields hold them."""
+    text = record.get(data.text_field) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        return _row(source, offset, reason="missing_text")
+    url, record_id = record.get(data.url_field), record.get(data.id_field)
+    url = url if isinstance(url, str) else None
+    record_id = None if record_id is None else str(record_id)
+    if len(text.encode()) > data.max_record_bytes:
+        return _row(source, offset, url, reason="too_large", record_id=record_id)
+    reason = "empty_text" if not text.strip() else "binary_content" if "\x00" in text else None
+    return _row(source, offset, url, reason=reason, text=None if reason else text, record_id=record_id)
+
+
+def jsonl_rows(uri: str, data: DataConfig = DataConfig()) -> Iterator[dict]:
+    """One row per non-blank line; a line longer than `max_record_bytes` is skipped through, never held whole."""
+    fs, path = filesystem_for(uri, data)
+    limit = data.max_record_bytes
+    with fs.open_input_stream(path, compression="detect") as raw:
+        lines = io.BufferedReader(raw, SKIP_CHUNK)
+        number = 0
+        while line := lines.readline(limit + 1):
+            if len(line) > limit and not line.endswith(b"\n"):
+                while (rest := lines.readline(SKIP_CHUNK)) and not rest.endswith(b"\n"):
+                    pass
+                yield _row(uri, number, reason="too_large")
+            elif line.strip():
+                yield _json_line_row(uri, number, line, data)
+            number += 1
+
+
+def _json_line_row(source: str, number: int, line: bytes, data: DataConfig) -> dict:
+    try:
+        decoded = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return _row(source, number, reason="undecodable")
+    try:
+        record = json.loads(decoded)
+    except ValueError:
+        return _row(source, number, reason="bad_json")
+    return _text_row(source, number, record, data)
+
+
+def parquet_rows(uri: str, data: DataConfig = DataConfig()) -> Iterator[dict]:
+    """One row per Parquet row, read a batch at a time and only the text/id/url columns."""
+    fs, path = filesystem_for(uri, data)
+    with fs.open_input_file(path) as f:
+        if f.size() == 0:
+            return
+        try:
+            parquet = pq.ParquetFile(f)
+            schema = parquet.schema_arrow
+            text_type = schema.field(data.text_field).type if data.text_field in schema.names else pa.null()
+            if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+                yield _row(uri, FILE_LEVEL_OFFSET, reason="bad_schema")
+                return
+            columns = [c for c in dict.fromkeys((data.text_field, data.id_field, data.url_field)) if c in schema.names]
+            offset = 0
+            for batch in parquet.iter_batches(batch_size=ROWS_PER_BLOCK, columns=columns):
+                for record in batch.to_pylist():
+                    yield _text_row(uri, offset, record, data)
+                    offset += 1
+        except (pa.ArrowInvalid, OSError):  # not Parquet, or a corrupt page or footer
+            yield _row(uri, FILE_LEVEL_OFFSET, reason="parquet_invalid")
+
+
+READERS: dict[str, Callable[[str, DataConfig], Iterator[dict]]] = {
+    "html": html_file_rows, "warc": warc_rows, "jsonl": jsonl_rows, "parquet": parquet_rows,
+}
+
+
+def file_rows(kind: str, uri: str, data: DataConfig = DataConfig()) -> Iterator[dict]:
+    """Every row of one input file; at most `data.max_docs_per_source` kept documents; `empty_file` if it has none."""
+    seen = kept = 0
+    try:
+        for row in READERS[kind](uri, data):
+            seen += 1
+            yield row
+            kept += row["drop_reason"] is None
+            if kept == data.max_docs_per_source:
+                return
+    except OSError:  # missing, unreadable, or gone from object storage between listing and reading
+        seen += 1
+        yield _row(uri, FILE_LEVEL_OFFSET, reason="unreadable_file")
+    if not seen:
+        yield _row(uri, FILE_LEVEL_OFFSET, reason="empty_file")
 
 
 def _blocks(rows: Iterator[dict]) -> Iterator[pa.Table]:
-    buffer = []
+    buffer, size = [], 0
     for row in rows:
         buffer.append(row)
-        if len(buffer) >= ROWS_PER_BLOCK:
+        size += len(row["html"] or b"") + len(row["text"] or "")
+        if len(buffer) >= ROWS_PER_BLOCK or size >= BYTES_PER_BLOCK:
             yield pa.Table.from_pylist(buffer, schema=SCHEMA)
-            buffer = []
+            buffer, size = [], 0
     if buffer:
         yield pa.Table.from_pylist(buffer, schema=SCHEMA)
 
 
-def list_html_files(data: DataConfig) -> list[str]:
+def _join(folder: str, name: str) -> str:
+    return f"{folder.rstrip('/')}/{name}"
+
+
+def list_html_files(data: DataConfig) -> list[tuple[str, int]]:
+    """(uri, size) of the HTML files of each folder, sorted, at most `max_docs_per_source` per folder."""
     files = []
     for folder in data.html_dirs:
-        if not Path(folder).is_dir():
+        fs, path = filesystem_for(folder, data)
+        if fs.get_file_info(path).type != pafs.FileType.Directory and not folder.startswith("s3://"):
             raise FileNotFoundError(f"data.html_dirs: no such folder: {folder}")
-        found = sorted(str(p) for p in Path(folder).iterdir() if p.suffix.lower() in HTML_SUFFIXES)
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        found = sorted((_join(folder, i.base_name), i.size) for i in infos
+                       if i.type == pafs.FileType.File and i.base_name.lower().endswith(HTML_SUFFIXES))
         files.extend(found[: data.max_docs_per_source])
     return files
 
 
-def list_warc_files(data: DataConfig) -> list[str]:
+def list_files(patterns: list[str], data: DataConfig, field: str) -> list[tuple[str, int]]:
+    """(uri, size) of the files each pattern names; globs work on local paths and s3:// URIs alike."""
     files = []
-    for pattern in data.warc_files:
-        found = sorted(glob.glob(pattern))
+    for pattern in patterns:
+        fs, path = filesystem_for(pattern, data)
+        if not glob.has_magic(path):
+            found = [(pattern, fs.get_file_info(path))]
+        elif pattern.startswith("s3://"):
+            base = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+            found = [(f"s3://{i.path}", i) for i in infos if fnmatch.fnmatchcase(i.path, path)]
+        else:
+            names = glob.glob(pattern)
+            found = list(zip(names, fs.get_file_info([os.path.abspath(n) for n in names])))
+        found = sorted((uri, info.size) for uri, info in found if info.type == pafs.FileType.File)
         if not found:
-            raise FileNotFoundError(f"data.warc_files: nothing matches {pattern}")
+            raise FileNotFoundError(f"data.{field}: nothing matches {pattern}")
         files.extend(found)
     return files
 
 
 class CrawlDatasource(Datasource):
-    """HTML folders and WARC files as one Ray Data source."""
+    """HTML folders and WARC, JSONL and Parquet files as one Ray Data source."""
 
     def __init__(self, data: DataConfig):
         super().__init__()
-        self._html = list_html_files(data)
-        self._warcs = list_warc_files(data)
-        self._max_docs = data.max_docs_per_source
+        # Resolved here so the read tasks on any node see the same endpoint, whatever their environment.
+        endpoint = data.s3_endpoint_override or os.environ.get("AWS_ENDPOINT_URL")
+        self._data = data.model_copy(update={"s3_endpoint_override": endpoint})
+        self._html = list_html_files(self._data)
+        self._per_file = [(kind, uri, size) for kind, field in (("warc", "warc_files"), ("jsonl", "jsonl_files"),
+                                                                 ("parquet", "parquet_files"))
+                          for uri, size in list_files(getattr(data, field), self._data, field)]
 
     def estimate_inmemory_data_size(self) -> int:
-        return sum(Path(p).stat().st_size for p in self._html + self._warcs)
+        return sum(size for _, size in self._html) + sum(size for _, _, size in self._per_file)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
-        tasks = []
-        for path in self._warcs:
-            tasks.append(self._task([path], lambda p=path, n=self._max_docs: _blocks(warc_rows(p, n))))
+        groups = [[(kind, uri, size)] for kind, uri, size in self._per_file]
         for i in range(0, len(self._html), HTML_FILES_PER_TASK):
-            group = self._html[i : i + HTML_FILES_PER_TASK]
-            tasks.append(self._task(group, lambda g=group: _blocks(r for p in g for r in html_file_rows(p))))
-        return tasks
+            groups.append([("html", uri, size) for uri, size in self._html[i : i + HTML_FILES_PER_TASK]])
+        return [self._task(group) for group in groups]
 
-    @staticmethod
-    def _task(paths: list[str], read_fn) -> ReadTask:
-        size = sum(Path(p).stat().st_size for p in paths)
-        meta = BlockMetadata(num_rows=None, size_bytes=size, input_files=paths, exec_stats=None)
-        return ReadTask(read_fn, meta, schema=SCHEMA)
+    def _task(self, group: list[tuple[str, str, int]]) -> ReadTask:
+        meta = BlockMetadata(num_rows=None, size_bytes=sum(s for _, _, s in group),
+                             input_files=[uri for _, uri, _ in group], exec_stats=None)
+        data = self._data
+        return ReadTask(lambda: _blocks(r for kind, uri, _ in group for r in file_rows(kind, uri, data)), meta,
+                        schema=SCHEMA)
 
 
 def read_crawl(data: DataConfig) -> ray.data.Dataset:
     """All records of the configured inputs, marked kept or dropped (see the module docstring)."""
-    if not data.html_dirs and not data.warc_files:
-        raise ValueError("no input: set data.html_dirs and/or data.warc_files")
-    return ray.data.read_datasource(CrawlDatasource(data))
+    inputs = (data.html_dirs, data.warc_files, data.jsonl_files, data.parquet_files)
+    if not any(inputs):
+        raise ValueError("no input: set data.html_dirs, data.warc_files, data.jsonl_files and/or data.parquet_files")
+    uses_s3 = any(uri.startswith("s3://") for uris in inputs for uri in uris)
+    aws_env = {k: os.environ[k] for k in AWS_ENV if k in os.environ} if uses_s3 else {}
+    runtime_env = {"env_vars": aws_env} if aws_env else None  # read tasks may run where the driver's env is not
+    return ray.data.read_datasource(CrawlDatasource(data), runtime_env=runtime_env)
