@@ -43,7 +43,7 @@ class DataConfig(_Section):
 
 
 class ExtractConfig(_Section):
-    extractor: Literal["resiliparse"] = "resiliparse"
+    extractor: Literal["resiliparse", "trafilatura"] = "resiliparse"  # trafilatura: slower, see bench_extract.py
     main_content: bool = True  # drop navigation, footers and other boilerplate
     min_chars: int = 1  # texts shorter than this after extraction are dropped as `empty_text`
 
@@ -55,14 +55,72 @@ class LangIdConfig(_Section):
 
 
 class HeuristicsConfig(_Section):
-    """Gopher-style rules (Rae et al. 2021, appendix A)."""
+    """Gopher quality and repetition rules (Rae et al. 2021, appendix A and table A1); defaults are the paper's."""
 
     min_words: int = 50
     max_words: int = 100_000
     min_mean_word_length: float = 3.0
     max_mean_word_length: float = 10.0
-    max_symbol_word_ratio: float = 0.1  # '#' and '...' per word
+    max_symbol_word_ratio: float = 0.1  # '#' per word, and ellipses per word
+    max_bullet_line_fraction: float = 0.9  # lines starting with a bullet
+    max_ellipsis_line_fraction: float = 0.3  # lines ending with an ellipsis
+    min_alpha_word_fraction: float = 0.8  # words with at least one letter
+    min_stop_words: int = 2  # distinct stop words present
+    stop_words: list[str] = Field(default_factory=lambda: ["the", "be", "to", "of", "and", "that", "have", "with"])
     max_duplicate_line_fraction: float = 0.3
+    max_duplicate_paragraph_fraction: float = 0.3
+    max_duplicate_line_char_fraction: float = 0.2
+    max_duplicate_paragraph_char_fraction: float = 0.2
+    # n -> max share of characters in the most frequent word n-gram
+    max_top_ngram_char_fraction: dict[int, float] = Field(default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16})
+    # n -> max share of characters in word n-grams that occur more than once
+    max_duplicate_ngram_char_fraction: dict[int, float] = Field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    )
+
+
+class C4Config(_Section):
+    """C4's line cleaning and page rules (Raffel et al. 2020, section 2.2)."""
+
+    enabled: bool = True
+    terminal_punctuation: bool = True  # keep only lines ending in . ! ? " '
+    min_words_per_line: int = 3
+    max_word_length: int = 1000  # lines with a longer word are removed
+    remove_citations: bool = True  # [1], [edit], [citation needed]
+    remove_javascript_lines: bool = True
+    remove_policy_lines: bool = True  # cookie / terms-of-use / privacy-policy lines
+    drop_lorem_ipsum: bool = True
+    drop_curly_bracket: bool = True
+    min_sentences: int = 5  # after line cleaning; 0 disables
+
+
+class FineWebConfig(_Section):
+    """FineWeb's extra rules (Penedo et al. 2024): thresholds are DataTrove's FineWebQualityFilter defaults."""
+
+    enabled: bool = True
+    min_line_punctuation_fraction: float = 0.12  # lines ending in terminal punctuation
+    max_short_line_fraction: float = 0.67
+    short_line_chars: int = 30
+    max_duplicate_line_char_fraction: float = 0.01  # characters in repeated lines / all non-newline characters
+    max_newlines_per_word: float = 0.3  # list-like pages
+
+
+class UrlFilterConfig(_Section):
+    """DataTrove's URL block list (fetched by scripts/fetch_data.py); rows without a URL pass."""
+
+    enabled: bool = True
+    blocklist_dir: str = "data/blocklists"  # domains, urls, banned_words.txt, soft_banned_words.txt
+    soft_word_threshold: int = 2  # this many soft-banned words in a URL block it
+    actors: int = Field(1, ge=1)  # each actor holds the list (about 36 MB as hashes)
+
+
+class PiiConfig(_Section):
+    """Masking of e-mail and IP addresses in `text` (not a drop)."""
+
+    enabled: bool = True
+    email_placeholder: str = "<EMAIL>"
+    ip_placeholder: str = "<IP>"
+    public_ips_only: bool = True  # as DataTrove: private, loopback and reserved addresses are not personal
 
 
 class DedupConfig(_Section):
@@ -73,6 +131,9 @@ class DedupConfig(_Section):
     rows_per_band: int = Field(8, ge=1)
     seed: int = 1  # datasketch's default seed, so signatures match datasketch.MinHash(num_perm, seed)
     shuffle_partitions: int = Field(4, ge=1)  # partitions of the dedup groupbys (hash and LSH-bucket shuffles)
+    # Exact Jaccard of the two shingle sets a candidate pair must reach to count as duplicates; None trusts LSH.
+    jaccard_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    max_component_rounds: int = Field(64, ge=1)  # large-star/small-star rounds before giving up (O(log n) needed)
 
     @property
     def num_perm(self) -> int:
@@ -98,9 +159,16 @@ class CurateConfig(_Section):
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     langid: LangIdConfig = Field(default_factory=LangIdConfig)
     heuristics: HeuristicsConfig = Field(default_factory=HeuristicsConfig)
+    c4: C4Config = Field(default_factory=C4Config)
+    fineweb: FineWebConfig = Field(default_factory=FineWebConfig)
+    url_filter: UrlFilterConfig = Field(default_factory=UrlFilterConfig)
+    pii: PiiConfig = Field(default_factory=PiiConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
     write_dropped: bool = True  # keep rejected documents (with their reason) under curated/dropped/ for audit
+    # A stage's output is split into ceil(documents in / docs_per_shard) doc_id ranges, each committed atomically;
+    # a resumed run redoes only the ranges without a completion marker.
+    docs_per_shard: int = Field(50_000, ge=1)
     # Ray Data shuffle behind the dedup groupbys and the final sort, set on curation's own datasets only;
     # the sort-based pull shuffle starts in well under a second where "shuffle_v2" takes seconds on small inputs.
     shuffle_strategy: Literal["sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle", "shuffle_v2"] = (
@@ -157,7 +225,9 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = Field(2, ge=1)  # the most workers; with min_workers set, the group is elastic
+    min_workers: int | None = Field(None, ge=1)  # elastic lower bound: training goes on with this many
+    max_failures: int = Field(3, ge=-1)  # worker-group restarts from the last checkpoint (-1: unlimited)
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
     global_batch_size: int = Field(16, ge=1)  # sequences per optimizer step, whatever the worker count
@@ -175,6 +245,15 @@ class TrainConfig(_Section):
     checkpoint_every: int = 100
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 1234
+    log_sample_ids: bool = False  # rank 0 appends each step's global sample ids to train_samples.jsonl (audit, tests)
+    peak_tflops: float = 989.0  # per-GPU dense bf16 peak for MFU (H100 SXM); unused on CPU
+    system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU) from rank 0
+
+    @model_validator(mode="after")
+    def _worker_range(self) -> "TrainConfig":
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) must be <= num_workers ({self.num_workers})")
+        return self
 
 
 class ClusterConfig(_Section):

@@ -133,6 +133,8 @@ class Driver:
     def train(self):
         from .train import run_training
 
+        manifest = json.loads(self.layout.manifest.read_text())
+        tracking.log_dataset(self.run_id, self.layout.manifest, manifest)
         t0 = time.perf_counter()
         result = run_training(self.cfg, self.layout, self.run_id, self.report.tracking_uri)
         self.report.stages["train"] = time.perf_counter() - t0
@@ -141,6 +143,8 @@ class Driver:
         if result.checkpoint is not None:
             self.report.final_checkpoint = result.checkpoint.path
             tracking.log_artifacts(self.run_id, {"checkpoint": Path(result.checkpoint.path)})
+            tracking.set_tags(self.run_id, {"checkpoint.final": result.checkpoint.path,
+                                            "checkpoint.storage": str(self.layout.checkpoints)})
         return result
 
     def run_all(self) -> RunReport:

@@ -104,3 +104,20 @@ def log_artifacts(run_id: str, paths: dict[str, Path]) -> None:
                 mlflow.log_artifact(str(p), artifact_path=artifact_path)
             else:
                 log.warning("artifact %s not found, not logged", p)
+
+
+def log_dataset(run_id: str, manifest_path: Path, manifest: dict) -> None:
+    """The token shards as the run's training input (lineage): source = the manifest, digest = its fingerprint."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = resolve_dataset_source(Path(manifest_path).resolve().as_uri())
+    dataset = MetaDataset(source, name="token-shards", digest=manifest["fingerprint"][:36])
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_input(dataset, context="training")
+
+
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    client = MlflowClient(mlflow.get_tracking_uri())
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)

@@ -80,6 +80,24 @@ def _all_mean(x: torch.Tensor) -> float:
     return float(x)
 
 
+def _gather_sample_ids(ids: torch.Tensor) -> list[int]:
+    """Every rank's slice of this step's global batch, in rank order: the global batch as the loader defined it."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return ids.tolist()
+    parts = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, ids)
+    return torch.cat(parts).tolist()
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    import json
+
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, shards, rank: int, world: int, t: TrainConfig, device) -> float | None:
     """Mean validation loss over the first eval_batches x micro_batch_size sequences, split across ranks."""
@@ -109,6 +127,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from athanor.cluster.loader import GlobalBatchLoader
+    from athanor.model.flops import flops_per_token
     from athanor.model.transformer import Transformer
     from athanor.pipelines.shards import TokenShards
 
@@ -143,10 +162,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                state=loader_state)
     tokens_per_step = t.global_batch_size * train_data.seq_len
 
+    flops_per_step = flops_per_token(mcfg, train_data.seq_len) * tokens_per_step
+    samples_log = layout.root / "train_samples.jsonl"
     logging_rank = rank == 0 and config.get("mlflow_run_id")
     if logging_rank:
         mlflow.set_tracking_uri(config["mlflow_uri"])
-        mlflow.start_run(run_id=config["mlflow_run_id"])
+        mlflow.start_run(run_id=config["mlflow_run_id"], log_system_metrics=t.system_metrics)
         mlflow.log_params({"model.num_params": core.num_params(), "train.grad_accum_steps": accum,
                            "model.vocab_size_resolved": mcfg.vocab_size})
 
@@ -175,7 +196,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dt = time.perf_counter() - t0
 
         metrics = {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt,
-                   "world_size": world, "step": step}
+                   "world_size": world, "grad_accum_steps": accum, "step": step}
+        if device.type == "cuda":
+            metrics["mfu"] = flops_per_step / dt / (world * t.peak_tflops * 1e12)
+        if t.log_sample_ids:
+            ids = _gather_sample_ids(batch["sample_ids"].to(device))
+            if rank == 0:  # a step replayed after a failure appends again: the last record of a step counts
+                _append_jsonl(samples_log, {"step": step, "world_size": world, "loss": step_loss, "sample_ids": ids})
         if val_data is not None and (step % t.eval_every == 0 or step == t.max_steps):
             val_loss = evaluate(model, val_data, rank, world, t, device)
             if val_loss is not None:
@@ -216,19 +243,20 @@ def run_training(cfg: AthanorConfig, layout: RunLayout, mlflow_run_id: str | Non
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.train
-    grad_accum_steps(t, t.num_workers)  # fail fast on a batch that does not divide
+    for world in range(t.min_workers or t.num_workers, t.num_workers + 1):
+        grad_accum_steps(t, world)  # fail fast on a batch that some allowed worker count cannot split
     layout.checkpoints.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "workdir": str(layout.root),
                            "mlflow_run_id": mlflow_run_id, "mlflow_uri": mlflow_uri},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=(t.min_workers, t.num_workers) if t.min_workers else t.num_workers,
+                                     use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=str(layout.checkpoints),
-            failure_config=FailureConfig(max_failures=2),
+            failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(t.cpus_per_worker)}},
         ),

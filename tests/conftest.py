@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -54,3 +55,12 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, data_dir):
+    """`athanor run configs/smoke.yaml` once per session: (workdir, stdout). Tests must not modify the workdir."""
+    workdir = tmp_path_factory.mktemp("smoke")
+    proc = run_cli("run", "configs/smoke.yaml", "--set", f"run.workdir={workdir}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return workdir, proc.stdout

@@ -1,11 +1,6 @@
 """The CLI turns user mistakes into one clear line and exit code 2, never a traceback."""
 
-import subprocess
-import sys
-
-
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "athanor.cluster.cli", *args], capture_output=True, text=True)
+from cli_runner import run_cli as _cli
 
 
 def test_missing_config_file():

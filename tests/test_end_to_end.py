@@ -2,29 +2,10 @@
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _athanor(*args, cwd=ROOT, timeout=600):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "athanor.cluster.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, data_dir):
-    workdir = tmp_path_factory.mktemp("smoke")
-    proc = _athanor("run", "configs/smoke.yaml", "--set", f"run.workdir={workdir}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return workdir, proc.stdout
+from cli_runner import run_cli
 
 
 @pytest.mark.slow
@@ -87,13 +68,17 @@ def test_mlflow_run_has_per_step_metrics_and_falling_loss(smoke_run):
     assert "curate.read.in" in run.data.metrics and "curate.quality.kept" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "tokenizer", "data", "checkpoint", "curation"} <= artifacts
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    inputs = run.inputs.dataset_inputs
+    assert [d.dataset.digest for d in inputs] == [manifest["fingerprint"][:36]]  # lineage: the shards trained on
+    assert run.data.tags["checkpoint.final"].startswith(str(workdir / "checkpoints"))
 
 
 @pytest.mark.slow
 def test_rerun_of_a_finished_stage_skips_and_keeps_one_mlflow_run(smoke_run):
     workdir, _ = smoke_run
     before = (workdir / "manifest.json").read_bytes()
-    proc = _athanor("tokenize", "configs/smoke.yaml", "--set", f"run.workdir={workdir}")
+    proc = run_cli("tokenize", "configs/smoke.yaml", "--set", f"run.workdir={workdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stage seconds: tokenize=0.0" in proc.stdout
     assert (workdir / "manifest.json").read_bytes() == before
@@ -111,12 +96,12 @@ def test_generate_and_export_from_the_trained_checkpoint(smoke_run, tmp_path):
     from athanor.cluster.checkpoint import find_checkpoint, load_model
 
     workdir, _ = smoke_run
-    proc = _athanor("generate", "--checkpoint", str(workdir), "--prompt", "The government said", "--max-new-tokens", "12")
+    proc = run_cli("generate", "--checkpoint", str(workdir), "--prompt", "The government said", "--max-new-tokens", "12")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("The government said") and len(proc.stdout.strip()) > len("The government said")
 
     out = tmp_path / "hf"
-    proc = _athanor("export", "--checkpoint", str(workdir), "--format", "hf", "--out", str(out))
+    proc = run_cli("export", "--checkpoint", str(workdir), "--format", "hf", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     from transformers import AutoModelForCausalLM
 
