@@ -23,15 +23,19 @@ from ray.data.datasource import FilenameProvider
 
 from athanor.config import AthanorConfig
 from athanor.layout import RunLayout
+from athanor.pipelines.c4 import c4_batch
 from athanor.pipelines.dedup import mark_exact_duplicates
 from athanor.pipelines.extract import extract_batch
+from athanor.pipelines.fineweb import fineweb_batch
 from athanor.pipelines.heuristics import heuristics_batch
 from athanor.pipelines.langid import LanguageIdentifier
 from athanor.pipelines.minhash import mark_near_duplicates_stage
+from athanor.pipelines.pii import pii_batch
 from athanor.pipelines.quality import QualityScorer, model_is_current, model_path, train_quality_classifier
 from athanor.pipelines.read import read_crawl
 from athanor.pipelines.stats import dropped_rows, kept_rows, reason_counts, stage_stats, write_json
 
+from athanor.pipelines.urlfilter import UrlFilter
 Stage = Callable[[ray.data.Dataset | None], ray.data.Dataset]
 FINAL = "final"
 DOCS_PER_FINAL_FILE = 50_000
@@ -58,15 +62,32 @@ def read_stage(cfg: AthanorConfig) -> ray.data.Dataset:
 
 
 def curation_stages(cfg: AthanorConfig, layout: RunLayout) -> list[tuple[str, Stage]]:
+    """Near FineWeb's order: the URL block list, language ID, Gopher's rules, C4's line cleaning (which rewrites
+    `text`), then FineWeb's rules, which read the cleaned lines. PII masking runs last before dedup: pages that
+    differ only in an address dedup as one, and nothing downstream (dedup, quality model, tokenizer) sees an
+    address. (FineWeb checks URLs before extracting; here extraction stays the second stage, where the stage
+    list's consumers expect it, and blocked pages cost one extraction each.)"""
     c = cfg.curate
+
+    def udf(fn: Callable, section) -> Stage:
+        return lambda ds: ds.map_batches(fn, fn_kwargs={"cfg": section}, batch_format="pyarrow")
+
     stages: list[tuple[str, Stage]] = [
         ("read", lambda _: read_stage(cfg)),
-        ("extract", lambda ds: ds.map_batches(extract_batch, fn_kwargs={"cfg": c.extract}, batch_format="pyarrow")),
+        ("extract", udf(extract_batch, c.extract)),
+    ]
+    if c.url_filter.enabled:
+        stages.append(("url_filter", lambda ds: ds.map_batches(
+            UrlFilter, fn_constructor_args=(c.url_filter,), batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=c.url_filter.actors))))
+    stages += [
         ("langid", lambda ds: ds.map_batches(LanguageIdentifier, fn_constructor_args=(c.langid,),
                                              batch_format="pyarrow", compute=one_actor())),
-        ("heuristics", lambda ds: ds.map_batches(heuristics_batch, fn_kwargs={"cfg": c.heuristics},
-                                                 batch_format="pyarrow")),
+        ("heuristics", udf(heuristics_batch, c.heuristics)),
     ]
+    stages += [(name, udf(fn, section)) for name, fn, section in
+               (("c4", c4_batch, c.c4), ("fineweb", fineweb_batch, c.fineweb), ("pii", pii_batch, c.pii))
+               if section.enabled]
     if c.dedup.exact:
         stages.append(("exact_dedup", lambda ds: mark_exact_duplicates(ds, c.dedup.shuffle_partitions)))
     if c.dedup.minhash:

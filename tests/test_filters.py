@@ -74,26 +74,66 @@ def test_langid_missing_model_is_a_clear_error(tmp_path):
 
 def test_gopher_signals_on_real_text(texts):
     cfg = HeuristicsConfig()
-    signals = [gopher_signals(t) for t in texts]
+    signals = [gopher_signals(t, cfg) for t in texts]
     long_enough = [s for s in signals if s["word_count"] >= cfg.min_words]
     assert long_enough and all(2.0 < s["mean_word_length"] < 8.0 for s in long_enough)
+    assert all(s["stop_word_count"] >= 2 and s["alpha_word_fraction"] > 0.8 for s in long_enough)
     assert sum(gopher_reason(s, cfg) is None for s in signals) >= 0.8 * len(signals)
 
-    out = heuristics_batch(pa.table({"text": texts}), cfg)
-    assert out["word_count"].to_pylist() == [s["word_count"] for s in signals]
+    out = heuristics_batch(pa.table({"text": texts}), cfg)  # the vectorized batch path gives the same signals
+    for name in signals[0]:
+        assert out[name].to_pylist() == pytest.approx([s[name] for s in signals]), name
     assert out["drop_reason"].to_pylist() == [gopher_reason(s, cfg) for s in signals]
 
 
-def test_each_gopher_rule_has_its_own_reason(texts):
-    cfg = HeuristicsConfig()
+def _reason(text: str, **overrides) -> str | None:
+    cfg = HeuristicsConfig(**overrides)
+    return gopher_reason(gopher_signals(text, cfg), cfg)
+
+
+def test_each_gopher_quality_rule_has_its_own_reason(texts):
     article = max(texts, key=len)
-    assert gopher_reason(gopher_signals(article), cfg) is None
-    assert gopher_reason(gopher_signals(" ".join(article.split()[:20])), cfg) == "too_few_words"
-    assert gopher_reason(gopher_signals(article), HeuristicsConfig(max_words=10)) == "too_many_words"
-    assert gopher_reason(gopher_signals(article), HeuristicsConfig(min_mean_word_length=9.0)) == "mean_word_length"
-    hashtags = " ".join(f"#{w}" for w in article.split()[:200])
-    assert gopher_reason(gopher_signals(hashtags), cfg) == "symbol_word_ratio"
-    repeated = "\n".join([line for line in article.splitlines() if line.strip()][:3] * 20)
-    signals = gopher_signals(repeated)
-    assert signals["duplicate_line_fraction"] > 0.9
-    assert gopher_reason(signals, HeuristicsConfig(min_words=1)) == "duplicate_lines"
+    lines = [line.strip() for line in article.splitlines() if line.strip()]
+    assert _reason(article) is None
+    assert _reason(" ".join(article.split()[:20])) == "too_few_words"
+    assert _reason(article, max_words=10) == "too_many_words"
+    assert _reason(article, min_mean_word_length=9.0) == "mean_word_length"
+    assert _reason(" ".join(f"#{w}" for w in article.split()[:200])) == "symbol_word_ratio"
+    assert _reason("\n".join(f"\u2022 {line}" for line in lines)) == "bullet_lines"
+    assert _reason("\n".join(f"{line} ..." for line in lines)) == "ellipsis_lines"
+    assert _reason(article, min_alpha_word_fraction=0.999) == "alpha_words"  # dates and figures are not alphabetic
+    assert _reason(article, min_stop_words=9) == "stop_words"  # only 8 stop words exist
+
+
+def test_each_gopher_repetition_rule_has_its_own_reason(texts):
+    article = max(texts, key=len)
+    paragraphs = [p.strip() for p in article.split("\n\n") if p.strip()]
+    lines = [line.strip() for line in article.splitlines() if line.strip()]
+    assert _reason("\n\n".join(paragraphs * 2)) == "duplicate_paragraphs"
+    longest = max(paragraphs, key=len)
+    assert _reason("\n\n".join(paragraphs + [longest] * 6), max_duplicate_paragraph_fraction=1.0) == (
+        "duplicate_paragraph_chars")
+    repeated = "\n".join(sorted(lines, key=len)[-3:] * 20)
+    assert gopher_signals(repeated)["duplicate_line_fraction"] > 0.9
+    assert _reason(repeated, min_words=1, max_duplicate_paragraph_fraction=1.0,
+                   max_duplicate_paragraph_char_fraction=1.0) == "duplicate_lines"
+    assert _reason(article, max_top_ngram_char_fraction={2: 0.001}) == "top_2gram"
+    body = list(dict.fromkeys(p for p in paragraphs if "\n" not in p and len(p.split()) >= 8))  # unique lines
+    doubled = "\n\n".join(f"{p} {p}" for p in body)  # every paragraph says itself twice: lines stay unique
+    signals = gopher_signals(doubled)
+    assert signals["duplicate_line_fraction"] == 0.0 and signals["duplicate_5gram_char_fraction"] > 0.3
+    assert _reason(doubled) == "duplicate_5gram"
+    assert _reason(doubled, max_duplicate_ngram_char_fraction={7: 0.13}) == "duplicate_7gram"
+
+
+def test_trafilatura_extracts_the_same_articles_without_markup(pages):
+    cfg = ExtractConfig(extractor="trafilatura")
+    pairs = [(html_to_text(p.read_bytes(), cfg)[0], html_to_text(p.read_bytes(), ExtractConfig())[0])
+             for p in pages[:10]]
+    assert sum(t is not None for t, _ in pairs) >= 8
+    for trafilatura_text, resiliparse_text in pairs:
+        if trafilatura_text and resiliparse_text:
+            assert "<div" not in trafilatura_text and "<script" not in trafilatura_text
+            words = set(trafilatura_text.split())
+            assert len(words & set(resiliparse_text.split())) >= 0.5 * len(words)  # the same article body
+    assert html_to_text(b"<html><body><script>var x = 1;</script></body></html>", cfg) == (None, "empty_text")
