@@ -1,15 +1,15 @@
 """The curation DAG: read -> extract -> langid -> heuristics -> exact_dedup -> near_dedup -> quality -> final.
 
-Each stage marks rows (see stats.py); the driver then counts reasons, writes the stage's stats JSON, its kept rows to
-curated/<stage>/ and its dropped rows (with `drop_reason` and `stage`) to curated/dropped/<stage>/, and hands the kept
-rows on. The survivors of the last stage are sorted by doc_id into curated/final/ with stable file names, so two runs
-over the same input write the same bytes for the tokenizer and packer to read.
+Each stage marks rows (see stats.py); the driver then counts reasons and commits the stage (see commit.py): its kept
+rows to curated/<stage>/, its dropped rows (with `drop_reason` and `stage`) to curated/dropped/<stage>/, both as
+doc_id-range shards sorted by doc_id, then its stats JSON and a completion marker, and hands the kept rows on. The
+survivors of the last stage are committed the same way into curated/final/. A re-run skips committed stages and
+ranges and writes the same bytes an uninterrupted run writes; stats/report.html shows the result.
 """
 
 from __future__ import annotations
 
-import math
-import shutil
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -17,13 +17,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pyarrow as pa
 import ray
-from ray.data import SaveMode
 from ray.data.context import ShuffleStrategy
-from ray.data.datasource import FilenameProvider
 
 from athanor.config import AthanorConfig
 from athanor.layout import RunLayout
 from athanor.pipelines.c4 import c4_batch
+from athanor.pipelines.commit import (clear_stale, commit_shards, commit_stage, committed_files, finished_shards,
+                                      num_shards, only_unfinished, shard_counts, stage_marker)
 from athanor.pipelines.dedup import mark_exact_duplicates
 from athanor.pipelines.extract import extract_batch
 from athanor.pipelines.fineweb import fineweb_batch
@@ -33,25 +33,20 @@ from athanor.pipelines.minhash import mark_near_duplicates_stage
 from athanor.pipelines.pii import pii_batch
 from athanor.pipelines.quality import QualityScorer, model_is_current, model_path, train_quality_classifier
 from athanor.pipelines.read import read_crawl
-from athanor.pipelines.stats import dropped_rows, kept_rows, reason_counts, stage_stats, write_json
-
+from athanor.pipelines.report import write_report
+from athanor.pipelines.stats import kept_rows, mark, reason_counts, stage_stats, write_json
 from athanor.pipelines.urlfilter import UrlFilter
+
 Stage = Callable[[ray.data.Dataset | None], ray.data.Dataset]
 FINAL = "final"
-DOCS_PER_FINAL_FILE = 50_000
-SORT_KEY_HEX_DIGITS = 15  # 60 bits: fits an int64
+# Stages that turn each row into one row with the same doc_id: resumed, they read only their unfinished ranges.
+PER_DOCUMENT_STAGES = frozenset({"url_filter", "extract", "langid", "heuristics", "c4", "fineweb", "pii", "quality",
+                                 FINAL})
 
 
 def one_actor() -> ray.data.ActorPoolStrategy:
     """One actor per model-holding UDF: the model is loaded once and memory stays flat."""
     return ray.data.ActorPoolStrategy(size=1)
-
-
-class _PartNames(FilenameProvider):
-    """part-00000.parquet, ...: run-independent names whose lexical order is the write order."""
-
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"part-{task_index:05d}.parquet"
 
 
 def read_stage(cfg: AthanorConfig) -> ray.data.Dataset:
@@ -99,91 +94,121 @@ def curation_stages(cfg: AthanorConfig, layout: RunLayout) -> list[tuple[str, St
     return stages
 
 
-def _clear_outputs(layout: RunLayout, stages: list[str]) -> None:
-    for path in [layout.curated(s) for s in stages + [FINAL]] + [layout.dropped]:
-        shutil.rmtree(path, ignore_errors=True)
+def _run_key(cfg: AthanorConfig, layout: RunLayout) -> str:
+    """What every stage's output depends on: the data and curate config and, when scoring, the quality model."""
+    digest = hashlib.sha256(cfg.section_hash("data", "curate").encode())
+    if cfg.curate.quality.enabled:
+        digest.update(model_path(layout).read_bytes())
+    return digest.hexdigest()[:16]
 
 
-def run_stage(name: str, stage: Stage, ds: ray.data.Dataset | None, layout: RunLayout, write_dropped: bool,
-              writer: ThreadPoolExecutor) -> tuple[ray.data.Dataset, dict, list[Future]]:
-    """Run one stage; returns (kept dataset, stats, pending writes). `in == kept + sum(dropped)` by construction.
+def _stage_key(upstream: str, name: str) -> str:
+    """A stage's completion-marker key: its name chained onto its upstream's key (the run key at the root)."""
+    return hashlib.sha256(f"{upstream}/{name}".encode()).hexdigest()[:16]
 
-    The Parquet writes of a stage run on `writer` threads while the next stage computes: on a small cluster the
+
+def _committed(cfg: AthanorConfig, layout: RunLayout, stage: str) -> ray.data.Dataset:
+    """A committed stage's kept rows, read back for the next stage on curation's shuffle strategy (as read_stage)."""
+    ds = ray.data.read_parquet(committed_files(layout.curated(stage)))
+    ds.context.shuffle_strategy = ShuffleStrategy(cfg.curate.shuffle_strategy)
+    return ds
+
+
+def _mark_all_kept(batch: pa.Table) -> pa.Table:
+    return mark(batch, [None] * batch.num_rows)
+
+
+def _final_stage(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """The survivors as they are: committing them (sorted, in doc_id ranges) is what makes curated/final."""
+    return ds.map_batches(_mark_all_kept, batch_format="pyarrow")
+
+
+def _commit(marked: ray.data.Dataset | None, name: str, key: str, upstream: str, shards: int,
+            finished: dict[int, dict], stats: dict, layout: RunLayout, write_dropped: bool) -> None:
+    """Unfinished ranges first, then the stats JSON, then the completion marker: a marker implies all the rest."""
+    dropped_dir = layout.dropped / name if write_dropped and name != FINAL else None
+    commit_shards(marked, name, key, shards, finished, layout.curated(name), dropped_dir)
+    if name != FINAL:
+        write_json(layout.stats(name), stats)
+    commit_stage(layout.curated(name), key, upstream, shards, stats)
+
+
+def run_stage(name: str, stage: Stage, ds: ray.data.Dataset | None, docs_in: int | None, key: str, upstream: str,
+              cfg: AthanorConfig, layout: RunLayout, writer: ThreadPoolExecutor
+              ) -> tuple[ray.data.Dataset | None, dict, Future]:
+    """Run one stage and hand its commit to `writer`; returns (kept rows, or None when the next stage must read them
+    back from disk; stats; the pending commit). `in == kept + sum(dropped)` by construction.
+
+    Ranges an earlier run committed under the same key are not written again, and a per-document stage does not
+    recompute them either. Commits run on writer threads while the next stage computes: on a small cluster the
     stages are latency-bound, and overlapping them keeps the cores busy.
     """
-    marked = stage(ds).materialize()
-    stats = stage_stats(name, reason_counts(marked))
-    write_json(layout.stats(name), stats)
-    kept = marked.map_batches(kept_rows, batch_format="pyarrow")
-    writes = []
-    if stats["kept"]:
-        writes.append(writer.submit(kept.write_parquet, str(layout.curated(name))))
-    if write_dropped and stats["in"] > stats["kept"]:
-        dropped = marked.map_batches(dropped_rows, fn_kwargs={"stage": name}, batch_format="pyarrow")
-        writes.append(writer.submit(dropped.write_parquet, str(layout.dropped / name)))
-    return kept, stats, writes
+    clear_stale(layout.curated(name), layout.dropped / name, key)
+    finished = finished_shards(layout.curated(name), key)
+    if finished and len(finished) == next(iter(finished.values()))["shards"]:  # killed before its stage marker
+        stats = stage_stats(name, shard_counts(list(finished.values())))
+        shards = len(finished)
+        return None, stats, writer.submit(_commit, None, name, key, upstream, shards, finished, stats, layout,
+                                          cfg.curate.write_dropped)
 
-
-def _add_sort_key(batch: pa.Table) -> pa.Table:
-    keys = [int(d[:SORT_KEY_HEX_DIGITS], 16) for d in batch["doc_id"].to_pylist()]
-    return batch.append_column("sort_key", pa.array(keys, type=pa.int64()))
-
-
-def _drop_sort_key(batch: pa.Table) -> pa.Table:
-    return batch.drop_columns(["sort_key"])
-
-
-def write_final(kept: ray.data.Dataset, num_docs: int, layout: RunLayout) -> None:
-    """Sort by doc_id into part-i files split at fixed (not sampled) boundaries, so every run splits alike.
-
-    doc_ids are fixed-length hex SHA-1 prefixes: their first 60 bits are a uniform integer whose order is the
-    doc_id order, and Ray's sort takes explicit boundaries only for numeric keys.
-    """
-    parts = max(2, math.ceil(num_docs / DOCS_PER_FINAL_FILE))
-    boundaries = [i * 16**SORT_KEY_HEX_DIGITS // parts for i in range(1, parts)]
-    final = (
-        kept.map_batches(_add_sort_key, batch_format="pyarrow")
-        .sort("sort_key", boundaries=boundaries)
-        .map_batches(_drop_sort_key, batch_format="pyarrow")
-    )
-    final.context.execution_options.preserve_order = True  # part-i holds the i-th key range
-    final.write_parquet(str(layout.curated(FINAL)), filename_provider=_PartNames(), mode=SaveMode.OVERWRITE)
+    resume = bool(finished) and bool(docs_in) and name in PER_DOCUMENT_STAGES
+    if resume:
+        ds = only_unfinished(ds, num_shards(docs_in, cfg.curate.docs_per_shard), finished).materialize()
+    empty = docs_in == 0 or (resume and ds.count() == 0)
+    marked = None if empty else stage(ds).materialize()
+    counts = Counter() if marked is None else reason_counts(marked)
+    shards = num_shards(sum(counts.values()) if docs_in is None else docs_in, cfg.curate.docs_per_shard)
+    stats = stage_stats(name, counts + shard_counts(list(finished.values())) if resume else counts)
+    todo = None if marked is None else only_unfinished(marked, shards, finished)
+    commit = writer.submit(_commit, todo, name, key, upstream, shards, finished, stats, layout,
+                           cfg.curate.write_dropped)
+    kept = None if resume or marked is None else marked.map_batches(kept_rows, batch_format="pyarrow")
+    return kept, stats, commit
 
 
 def run_curation(cfg: AthanorConfig, layout: RunLayout) -> dict:
-    """Curate `cfg.data` into `layout.curated("final")`; returns the summary also written to stats/curation.json."""
+    """Curate `cfg.data` into `layout.curated("final")`, resuming from what an earlier run of the same config
+    committed; returns the summary written to stats/curation.json, plus `seconds` (written to stats/timings.json,
+    the one output that differs between runs)."""
     if cfg.curate.quality.enabled and not model_is_current(cfg, layout):
         train_quality_classifier(cfg, layout)
-    stages = curation_stages(cfg, layout)
-    _clear_outputs(layout, [name for name, _ in stages])
+    stages = [*curation_stages(cfg, layout), (FINAL, _final_stage)]
 
-    per_stage, seconds, dropped, writes = [], {}, Counter(), []
-    ds = None
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="curate-write") as writer:
+    per_stage, seconds, commits = [], {}, []
+    ds, docs_in, previous, upstream = None, None, None, _run_key(cfg, layout)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="curate-commit") as writer:
         for name, stage in stages:
             start = time.perf_counter()
-            if ds is not None and per_stage[-1]["kept"] == 0:
-                stats = stage_stats(name, Counter())  # nothing left to look at: the stage sees 0 documents
-                write_json(layout.stats(name), stats)
+            key = _stage_key(upstream, name)
+            done = stage_marker(layout.curated(name), key)
+            if done is not None:
+                ds, stats = None, done["stats"]
+                if name != FINAL:
+                    write_json(layout.stats(name), stats)
             else:
-                ds, stats, stage_writes = run_stage(name, stage, ds, layout, cfg.curate.write_dropped, writer)
-                writes.extend(stage_writes)
-            per_stage.append(stats)
-            dropped.update(stats["dropped"])
+                if ds is None and docs_in:  # the previous stage's rows are on disk, not in memory
+                    for commit in commits:
+                        commit.result()
+                    ds = _committed(cfg, layout, previous)
+                ds, stats, commit = run_stage(name, stage, ds, docs_in, key, upstream, cfg, layout, writer)
+                commits.append(commit)
+            if name != FINAL:
+                per_stage.append(stats)
+            docs_in, previous, upstream = stats["kept"], name, key
             seconds[name] = round(time.perf_counter() - start, 3)
 
         start = time.perf_counter()
-        if per_stage[-1]["kept"]:
-            write_final(ds, per_stage[-1]["kept"], layout)
-        for write in writes:
-            write.result()  # re-raises a failed write here
-        seconds[FINAL] = round(time.perf_counter() - start, 3)
+        for commit in commits:
+            commit.result()  # re-raises a failed commit here
+        seconds[FINAL] += round(time.perf_counter() - start, 3)
+    dropped = sum((Counter(s["dropped"]) for s in per_stage), Counter())
     summary = {
         "stages": per_stage,
         "in": per_stage[0]["in"],
         "kept": per_stage[-1]["kept"],
         "dropped": dict(sorted(dropped.items())),
-        "seconds": seconds,
     }
     write_json(layout.stats("curation"), summary)
-    return summary
+    write_json(layout.stats("timings"), seconds)
+    write_report(layout, summary)
+    return {**summary, "seconds": seconds}

@@ -8,6 +8,7 @@ reasons of a stage's marked output gives `{"stage", "in", "kept", "dropped": {re
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -53,6 +54,13 @@ def stage_stats(stage: str, counts: Counter) -> dict:
     return stats
 
 
-def write_json(path: Path, payload: dict) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Write under a hidden temporary name, then rename: a reader (or a resumed run) sees the whole file or none."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
