@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
+import random
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -10,10 +14,14 @@ from datasketch import MinHash
 from ray.data.context import ShuffleStrategy
 
 from athanor.config import CurateConfig, DedupConfig, ExtractConfig
+from athanor.layout import RunLayout
 from athanor.pipelines.dedup import mark_exact_duplicates, normalize_texts
 from athanor.pipelines.extract import html_to_text
 from athanor.pipelines.minhash import (
+    EDGE_SCHEMA,
     MinHasher,
+    candidate_pairs,
+    connected_components,
     duplicate_roots,
     mark_near_duplicates_stage,
     sha1_hash32,
@@ -30,6 +38,13 @@ def page_texts(data_dir) -> dict[str, str]:
     names = sorted(p.name for p in (data_dir / "html" / "news").iterdir())[:30] + [HT_ORIGINAL, HT_UPDATE]
     texts = {n: html_to_text((data_dir / "html" / "news" / n).read_bytes(), ExtractConfig())[0] for n in names}
     return {n: t for n, t in texts.items() if t}
+
+
+@pytest.fixture(scope="module")
+def all_page_texts(data_dir) -> dict[str, str]:
+    """Every news page with main text, keyed by file name (the 258 pages hold same-site look-alikes)."""
+    texts = {p.name: html_to_text(p.read_bytes(), ExtractConfig())[0] for p in (data_dir / "html" / "news").iterdir()}
+    return {n: t for n, t in sorted(texts.items()) if t}
 
 
 def _shingles(text: str, ngram: int = 5) -> list[str]:
@@ -86,3 +101,61 @@ def test_near_dedup_finds_real_lookalikes_and_small_edits(page_texts, ray_local)
     # The near-identical base page is also in `others`; it and its edit collapse onto the smallest id, "m-base".
     assert dropped == {"b-ht-update": "a-ht-original", "n-edited": "m-base", f"z-{base_name}": "m-base"}
     assert {r["doc_id"] for r in rows} == set(texts)  # the one-shingle-less "short" doc passes through
+
+
+def _components(pairs: list[tuple[str, str]]) -> tuple[dict[str, str], int]:
+    edges = pa.table({"doc_id": [a for a, _ in pairs], "dup_of": [b for _, b in pairs]}, schema=EDGE_SCHEMA)
+    ds = ray.data.from_arrow(edges)
+    ds.context.shuffle_strategy = ShuffleStrategy(CurateConfig().shuffle_strategy)  # as run_curation does
+    roots, rounds = connected_components(ds, DedupConfig(shuffle_partitions=2))
+    return {r["doc_id"]: r["dup_of"] for r in roots.take_all()}, rounds
+
+
+def test_distributed_components_match_union_find_on_long_chains(ray_local):
+    """A path with shuffled labels (diameter 149: min-label propagation needs ~149 rounds), a cycle and a pair."""
+    rng = random.Random(0)
+    labels = [f"n{i:04d}" for i in range(300)]
+    rng.shuffle(labels)
+    paths, cycle, pair = labels[:150], labels[150:190], labels[190:192]
+    links = list(zip(paths, paths[1:])) + list(zip(cycle, cycle[1:] + cycle[:1])) + [tuple(pair)]
+    pairs = [(max(a, b), min(a, b)) for a, b in links]
+    rng.shuffle(pairs)
+    roots, rounds = _components(pairs)
+    assert roots == duplicate_roots(pairs)
+    assert set(roots.values()) == {min(paths), min(cycle), min(pair)}
+    assert rounds <= 4 * math.ceil(math.log2(len(paths)))  # logarithmic in the diameter, not linear
+
+
+def test_distributed_components_match_union_find_on_real_pages(all_page_texts, ray_local):
+    """A permissive LSH (20 bands of 1 row) links many same-site pages: real, irregular components."""
+    cfg = DedupConfig(num_bands=20, rows_per_band=1, shuffle_partitions=2)
+    pairs = [(r["doc_id"], r["dup_of"]) for r in candidate_pairs(_docs(all_page_texts), cfg).take_all()]
+    assert len(pairs) == len(set(pairs)) and all(a > b for a, b in pairs)  # each pair once, pointing down
+    reference = duplicate_roots(pairs)
+    assert len(set(reference.values())) >= 3 and len(reference) >= 10
+    assert _components(pairs)[0] == reference
+
+
+def test_jaccard_check_drops_lsh_false_positives_and_reports_clusters(all_page_texts, ray_local, tmp_path):
+    """20 bands x 2 rows over-match real pages; the exact check keeps the re-reported story and drops the rest."""
+    cfg = DedupConfig(num_bands=20, rows_per_band=2, shuffle_partitions=2, jaccard_threshold=0.5)
+    docs = _docs(all_page_texts)
+    pairs = [(r["doc_id"], r["dup_of"]) for r in candidate_pairs(docs, cfg).take_all()]
+    layout = RunLayout(tmp_path)
+    rows = mark_near_duplicates_stage(docs, cfg, layout).take_all()
+    report = json.loads(layout.stats("near_dedup_clusters").read_text())
+
+    def jaccard(a: str, b: str) -> float:
+        sa, sb = set(_shingles(all_page_texts[a])), set(_shingles(all_page_texts[b]))
+        return len(sa & sb) / len(sa | sb)
+
+    true_pairs = [(a, b) for a, b in pairs if jaccard(a, b) >= 0.5]
+    assert 0 < len(true_pairs) < len(pairs)  # the setting really over-matches
+    assert report["candidate_pairs"] == len(pairs)
+    assert report["pairs_removed_by_jaccard"] == len(pairs) - len(true_pairs)
+    dropped = {r["doc_id"]: r["near_dup_of"] for r in rows if r["drop_reason"] == "near_duplicate"}
+    assert dropped == duplicate_roots(true_pairs)
+    assert dropped[max(HT_ORIGINAL, HT_UPDATE)] == min(HT_ORIGINAL, HT_UPDATE)
+    sizes = {int(k): v for k, v in report["cluster_sizes"].items()}
+    assert sum(s * n for s, n in sizes.items()) == report["duplicates"] + report["clusters"] == len(dropped) + len(
+        set(dropped.values()))
