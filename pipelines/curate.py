@@ -86,7 +86,7 @@ def curation_stages(cfg: AthanorConfig, layout: RunLayout) -> list[tuple[str, St
     if c.dedup.exact:
         stages.append(("exact_dedup", lambda ds: mark_exact_duplicates(ds, c.dedup.shuffle_partitions)))
     if c.dedup.minhash:
-        stages.append(("near_dedup", lambda ds: mark_near_duplicates_stage(ds, c.dedup)))
+        stages.append(("near_dedup", lambda ds: mark_near_duplicates_stage(ds, c.dedup, layout)))
     if c.quality.enabled:
         model = str(model_path(layout))
         stages.append(("quality", lambda ds: ds.map_batches(QualityScorer, fn_constructor_args=(model, c.quality),
