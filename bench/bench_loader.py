@@ -1,9 +1,11 @@
 """Loader throughput at seq_len 2048 against what one H100 training a 1B-parameter model would consume.
 
 Packs the curated corpus into seq_len-2048 shards in a scratch workdir, then times GlobalBatchLoader.next_batch()
-for one rank (mmap read, gather, int64 tensors) over a few epochs. Demand: training costs 6 * N FLOPs per token
-(Kaplan et al.; attention FLOPs left out), so an H100 (989 dense bf16 TFLOP/s) at 50% MFU on N = 1e9 consumes
-0.5 * 989e12 / 6e9 = 82,417 tokens/s, i.e. 40.2 sequences/s of 2048 tokens.
+for one rank (mmap read, gather, int64 tensors) over a few epochs. Demand: the project's own training FLOPs per token
+(`athanor.model.flops.flops_per_token`: 6 * N_matmul plus attention, 12 * n_layers * dim * seq_len) for the `1b`
+preset (Llama-3.2-1B's shape) at the benchmark's seq_len; an H100 (989 dense bf16 TFLOP/s) at 50% MFU then consumes
+0.5 * 989e12 / 8.22e9 = 60,160 tokens/s at seq_len 2048, i.e. 29.4 sequences/s of 2048 tokens (the 6 * 1e9 rule
+of thumb, without attention, said 40.2).
 
     python bench/bench_loader.py --curated runs/demo/curated/final --tokenizer runs/demo/tokenizer/tokenizer.model
 """
@@ -21,12 +23,14 @@ import ray
 from athanor.cluster.loader import GlobalBatchLoader
 from athanor.config import AthanorConfig
 from athanor.layout import RunLayout
+from athanor.model.flops import flops_per_token
+from athanor.model.presets import preset
 from athanor.pipelines.pack import pack_shards
 from athanor.pipelines.shards import TokenShards
 
 H100_BF16_DENSE_FLOPS = 989e12
 MFU = 0.5
-PARAMS = 1e9
+MODEL = "1b"
 
 
 def main() -> None:
@@ -41,7 +45,7 @@ def main() -> None:
         if not path.exists():
             raise SystemExit(f"{path} not found: run `athanor run configs/demo.yaml` or pass --curated/--tokenizer")
 
-    demand = MFU * H100_BF16_DENSE_FLOPS / (6 * PARAMS) / args.seq_len
+    demand = MFU * H100_BF16_DENSE_FLOPS / flops_per_token(preset(MODEL), args.seq_len) / args.seq_len
     with tempfile.TemporaryDirectory() as tmp:
         layout = RunLayout.from_workdir(tmp)
         shutil.copytree(args.curated, layout.curated("final"))
@@ -55,7 +59,8 @@ def main() -> None:
         shards = TokenShards(layout.root, "train")
 
         print(f"\n{len(shards)} train sequences of {args.seq_len + 1} tokens ({shards.dtype}), one rank")
-        print(f"demand: 1B params on one H100 at {MFU:.0%} MFU = {demand:.1f} sequences/s\n")
+        print(f"demand: the {MODEL} preset on one H100 at {MFU:.0%} MFU = {demand:.1f} sequences/s "
+              f"({flops_per_token(preset(MODEL), args.seq_len) / 1e9:.2f} GFLOP per token, attention included)\n")
         print(f"{'global batch':>12} {'steps':>8} {'sequences/s':>12} {'tokens/s':>12} {'x demand':>9}")
         for batch_size in args.batch_sizes:
             loader = GlobalBatchLoader(shards, batch_size, seed=0, rank=0, world_size=1)

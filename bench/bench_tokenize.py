@@ -8,9 +8,9 @@ repeated `--repeat` times, written as curation writes it (sorted, each file one 
 writes the same documents round-robin over the files, which sends them through the global sort instead.
 
 Each comparison is 1 CPU against 1 CPU (bare 1 thread vs a pool of 1 actor) and all cores against all cores (bare
-one thread per core vs a pool of one actor per core). Ray is told cores + 1 logical CPUs so that a full pool still
-leaves a slot for the (light) read tasks; the driver and read tasks share the machine with the actors either way.
-The machine may be busy, so every trial runs all methods back to back and the table reports medians over trials.
+one thread per core vs a pool of one actor per core); on the Ray side the driver (which only collects the batches)
+and Ray's own processes share the machine with the actors. The machine may be busy, so every trial runs all methods
+back to back, and the table reports medians over trials, with each ratio paired with its trial's bare run.
 
     python bench/bench_tokenize.py --curated runs/demo/curated/final --tokenizer runs/demo/tokenizer/tokenizer.model
 """
@@ -60,7 +60,7 @@ def bare(model: Path, texts: list[str], threads: int) -> tuple[int, float, float
 
 
 def through_ray(model: Path, folder: Path, actors: int) -> tuple[int, float, float]:
-    """Tokens, seconds, and seconds to the first batch (read planning + actor start-up + the first batch)."""
+    """Tokens, seconds, and seconds to the first batch (order check, actor start-up, the first row group)."""
     t0 = time.perf_counter()
     ds = encode_in_order(sorted(folder.glob("*.parquet")), model, seed=0, val_fraction=0.0, actors=actors)
     tokens, first = 0, None
@@ -83,7 +83,7 @@ def main() -> None:
             raise SystemExit(f"{path} not found: run `athanor run configs/demo.yaml` or pass --curated/--tokenizer")
 
     cores = os.cpu_count() or 1
-    ray.init(num_cpus=cores + 1, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
         ordered, unordered = Path(tmp, "ordered"), Path(tmp, "unordered")

@@ -8,7 +8,9 @@ doc_id, so no document lands in both. Only each split's final partial window is 
 
 Curation writes `curated/final` already in doc_id order (each part sorted, part-i holding the i-th doc_id range), so
 the encoded stream is put in order by reading the files in name order, not by a global sort: the sort's shuffle cost
-more than the encoding itself. The order is checked on the doc_id column first; any other input is sorted.
+more than the encoding itself. The order is checked on the doc_id column first; any other input is sorted. Each
+actor reads the Parquet row groups it encodes, so no read task needs a CPU of its own and the pool can hold every
+core.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterator
 from itertools import chain
 from pathlib import Path
 
@@ -40,8 +43,13 @@ def is_validation(doc_id: str, seed: int, val_fraction: float) -> bool:
     return xxhash.xxh64_intdigest(b"split\0" + doc_id.encode("utf-8"), seed=seed) < val_fraction * 2**64
 
 
+# Documents per encoded batch: large enough that Ray's per-batch cost vanishes beside SentencePiece's.
+ENCODE_BATCH_DOCS = 1024
+
+
 class EncodeDocuments:
-    """Ray Data class UDF: each actor loads the tokenizer once in __init__, then encodes batch after batch."""
+    """Ray Data class UDF: each actor loads the tokenizer once, then reads and encodes Parquet row group after row
+    group (rows of `path`, `row_group`), yielding their documents in file order, ENCODE_BATCH_DOCS at a time."""
 
     def __init__(self, model_path: str, seed: int, val_fraction: float):
         self.tokenizer = Tokenizer(model_path, num_threads=1)  # the actor holds one CPU
@@ -49,7 +57,15 @@ class EncodeDocuments:
         self.seed = seed
         self.val_fraction = val_fraction
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, pieces: pa.Table) -> Iterator[pa.Table]:
+        for path, row_group in zip(pieces.column("path").to_pylist(), pieces.column("row_group").to_pylist()):
+            with pq.ParquetFile(path) as parquet:
+                for batch in parquet.iter_batches(
+                    ENCODE_BATCH_DOCS, row_groups=[row_group], columns=["doc_id", "text"], use_threads=False
+                ):
+                    yield self.encode(batch)
+
+    def encode(self, batch: pa.RecordBatch) -> pa.Table:
         doc_ids = batch.column("doc_id").to_pylist()
         texts = batch.column("text").to_pylist()
         reasons = [
@@ -129,11 +145,12 @@ class _Packer:
         }
 
 
-def encode_pool_size(requested: int) -> int:
-    """Leave one CPU for the Parquet read tasks: a pool holding every CPU starves them and Ray Data stalls."""
+def encode_pool_size(requested: int, spare_cpu: bool) -> int:
+    """At most one actor per CPU; `spare_cpu` leaves one for the sort's shuffle tasks (a pool holding every CPU can
+    starve Ray Data's other tasks)."""
     if not ray.is_initialized():
         ray.init()
-    return max(1, min(requested, int(ray.cluster_resources().get("CPU", 1)) - 1))
+    return max(1, min(requested, int(ray.cluster_resources().get("CPU", 1)) - spare_cpu))
 
 
 def in_doc_id_order(files: list[Path]) -> bool:
@@ -157,31 +174,19 @@ def in_doc_id_order(files: list[Path]) -> bool:
     return True
 
 
-def read_curated(files: list[Path]) -> ray.data.Dataset:
-    """doc_id and text of `files`, in file order, through Ray Data's V1 Parquet reader.
-
-    The V2 reader (Ray's default since 2.5x) plans the read with a ListFiles task that spends seconds waiting on its
-    thread pool, and bin-packs small files into a single read task; V1 reads each file in its own task, at once.
-    """
-    ctx = ray.data.DataContext.get_current()
-    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False  # read_parquet checks the flag only when called
-    try:
-        return ray.data.read_parquet([str(f) for f in files], columns=["doc_id", "text"])
-    finally:
-        ctx.use_datasource_v2 = v2
-
-
 def encode_in_order(files: list[Path], model_path: Path, seed: int, val_fraction: float, actors: int):
-    """The encoded documents of `files` (see EncodeDocuments), as a Ray Dataset that iterates in (doc_id, text hash)
-    order: file order when `in_doc_id_order(files)`, else a global sort."""
-    encoded = read_curated(files).map_batches(
+    """The encoded documents of `files` (see EncodeDocuments.encode), as a Ray Dataset that iterates in (doc_id,
+    text hash) order: file order when `in_doc_id_order(files)`, else a global sort."""
+    pieces = [{"path": str(f), "row_group": g} for f in files for g in range(pq.read_metadata(f).num_row_groups)]
+    in_order = in_doc_id_order(files)
+    encoded = ray.data.from_items(pieces, override_num_blocks=max(1, len(pieces))).map_batches(
         EncodeDocuments,
         fn_constructor_kwargs={"model_path": str(model_path), "seed": seed, "val_fraction": val_fraction},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=encode_pool_size(actors)),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=encode_pool_size(actors, spare_cpu=not in_order)),
         batch_format="pyarrow",
-        batch_size=1024,
+        batch_size=1,  # one row group per call: the pool's actors take row groups as they free up
     )
-    if in_doc_id_order(files):
+    if in_order:
         ordered = encoded
     else:
         encoded.context.default_hash_shuffle_parallelism = len(files)  # one sort partition per curated file

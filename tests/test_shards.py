@@ -15,7 +15,7 @@ from real_corpus import PACK_CONFIG, packed_run, real_documents, write_curated
 from athanor.config import AthanorConfig
 from athanor.layout import RunLayout
 from athanor.pipelines.megatron import export_megatron
-from athanor.pipelines.pack import is_validation, pack_shards
+from athanor.pipelines.pack import in_doc_id_order, is_validation, pack_shards
 from athanor.pipelines.shards import TokenShards, file_sha256, fingerprint, token_dtype
 from athanor.pipelines.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
@@ -123,6 +123,30 @@ def test_repacking_is_byte_identical_and_names_every_drop(workdir, data_dir, tmp
     assert manifest["documents"]["in"] == reference["documents"]["in"] + 4
     assert manifest["documents"]["in"] == manifest["documents"]["kept"] + sum(manifest["documents"]["dropped"].values())
 
+
+
+def test_files_in_curation_order_pack_without_a_sort_to_the_same_bytes(workdir, tmp_path):
+    """Files as curation writes them (each sorted, consecutive doc_id ranges) are encoded in file order with no
+    global sort, one row group per task; the shards equal, byte for byte, those the sort made from round-robin files."""
+    reference_files = sorted(RunLayout(workdir).curated("final").glob("*.parquet"))
+    table = pq.read_table(reference_files).sort_by("doc_id")
+    layout = RunLayout.from_workdir(tmp_path)
+    layout.curated("final").mkdir(parents=True)
+    cuts = [0, 300, 301, table.num_rows]  # one part holds a single document
+    for k, (start, stop) in enumerate(zip(cuts, cuts[1:])):
+        pq.write_table(table.slice(start, stop - start), layout.curated("final") / f"part-{k:05d}.parquet",
+                       row_group_size=128)
+    files = sorted(layout.curated("final").glob("*.parquet"))
+    assert in_doc_id_order(files)
+    assert not in_doc_id_order(files[::-1]) and not in_doc_id_order(reference_files)  # the reference was sorted
+    assert not in_doc_id_order([files[0], files[0]])  # a repeated doc_id needs the sort's tie-break
+    layout.tokenizer_dir.mkdir(parents=True)
+    shutil.copy(workdir / "tokenizer" / "tokenizer.model", layout.tokenizer_model)
+
+    manifest = pack_shards(AthanorConfig.model_validate(PACK_CONFIG), layout)
+    reference = json.loads((workdir / "manifest.json").read_text())
+    assert manifest["splits"] == reference["splits"] and manifest["fingerprint"] == reference["fingerprint"]
+    assert manifest["documents"] == reference["documents"]
 
 def _read_megatron(prefix) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """An independent reader of Megatron's documented MMIDIDX index: (tokens, lengths, pointers, doc indices)."""
