@@ -42,10 +42,13 @@ def fnv1a_lines(buf: np.ndarray) -> np.ndarray:
     count = int(np.count_nonzero(lengths))
     starts, lengths = starts[:count], lengths[:count]
     hashes = np.full(count, FNV_OFFSET, dtype=np.uint64)
+    index, byte = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.uint8)  # reused: no temporaries
     longer_than = count - np.searchsorted(lengths[::-1], np.arange(lengths.max(initial=0)), side="right")
     for j, k in enumerate(longer_than):
-        hashes[:k] ^= buf[starts[:k] + j].astype(np.uint64)
-        hashes[:k] *= FNV_PRIME
+        np.add(starts[:k], j, out=index[:k])
+        np.take(buf, index[:k], out=byte[:k])
+        np.bitwise_xor(hashes[:k], byte[:k], out=hashes[:k])
+        np.multiply(hashes[:k], FNV_PRIME, out=hashes[:k])
     return hashes
 
 
@@ -64,8 +67,11 @@ def fnv1a(texts: list[str]) -> np.ndarray:
 
 
 def load_domain_hashes(path: Path) -> np.ndarray:
-    """Sorted unique hashes of the listed domains (one per line)."""
-    return np.unique(fnv1a_lines(np.fromfile(path, dtype=np.uint8)))
+    """Sorted hashes of the listed domains (one per line), sorted in place: np.unique's temporaries would stay
+    in the allocator's heap (~140 MB more resident per actor)."""
+    hashes = fnv1a_lines(np.fromfile(path, dtype=np.uint8))
+    hashes.sort()
+    return hashes
 
 
 def _normalize_url(url: str) -> str:
