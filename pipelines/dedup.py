@@ -16,13 +16,14 @@ import xxhash
 from athanor.pipelines.stats import mark
 
 _NOT_WORD = r"[\p{P}\p{S}\p{N}]+"
+_SPACE = r"[\s\p{Z}\x{0b}\x{1c}-\x{1f}\x{85}]+"  # all that str.split() splits on (RE2's \s alone is ASCII)
 
 
 def normalize_texts(texts: pa.Array) -> pa.Array:
     """Vectorized normalization of a string array (pyarrow's RE2 kernels, no per-row Python)."""
     lowered = pc.utf8_lower(texts)
     words_only = pc.replace_substring_regex(lowered, _NOT_WORD, " ")
-    return pc.utf8_trim_whitespace(pc.replace_substring_regex(words_only, r"\s+", " "))
+    return pc.utf8_trim_whitespace(pc.replace_substring_regex(words_only, _SPACE, " "))
 
 
 def add_text_hash(batch: pa.Table) -> pa.Table:

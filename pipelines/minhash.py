@@ -1,7 +1,8 @@
 """Near-duplicate detection: MinHash signatures over word n-gram shingles, LSH banding, connected components.
 
-Signatures are computed for a whole batch at once in numpy and are bit-identical to datasketch's default
-`MinHash(num_perm, seed)` (scheme "affine32") fed the same shingles: sha1_hash32 of each shingle's UTF-8 bytes,
+Signatures are computed for a whole batch in one compiled pass and are bit-identical to datasketch's default
+`MinHash(num_perm, seed)` (scheme "affine32") fed the same shingles: sha1_hash32 of each shingle's UTF-8 bytes
+(SHA-1 compiled with numba over byte ranges of the text, so no per-shingle string or hashlib call),
 premixed with the 32-bit MurmurHash3 finalizer, then `a * h + b mod 2**32` with datasketch's own permutations.
 Candidate pairs come from a Ray Data groupby on (band, bucket), each pair once. An optional exact-Jaccard check
 brings both shingle sets to each pair through two more groupbys and drops pairs below `jaccard_threshold`.
@@ -14,8 +15,7 @@ distribution, candidate pairs, pairs removed by the Jaccard check) goes to stats
 
 from __future__ import annotations
 
-import hashlib
-
+import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,7 +30,6 @@ from athanor.pipelines.stats import mark, write_json
 
 CLUSTER_REPORT = "near_dedup_clusters"  # stats/near_dedup_clusters.json
 MAX_HASH = np.uint32(0xFFFFFFFF)
-SHINGLES_PER_CHUNK = 1 << 16  # bounds the (shingles x num_perm) matrix to ~30 MB at 112 permutations
 EDGE_SCHEMA = pa.schema([("doc_id", pa.string()), ("dup_of", pa.string())])  # dup_of < doc_id
 STAR_SCHEMA = EDGE_SCHEMA.append(pa.field("unstable", pa.bool_()))
 SCORED_EDGE_SCHEMA = EDGE_SCHEMA.append(pa.field("jaccard", pa.float64()))
@@ -38,15 +37,99 @@ JOIN_SCHEMA = pa.schema([("key", pa.string()), ("partner", pa.string()), ("shing
 
 
 def word_shingles(normalized_text: str, ngram: int) -> list[str]:
-    """Distinct word n-grams in first-seen order (a set for MinHash: repeats change nothing)."""
+    """Distinct word n-grams in first-seen order: the reference definition that shingle_spans matches."""
     words = normalized_text.split()
     return list(dict.fromkeys(" ".join(words[i : i + ngram]) for i in range(len(words) - ngram + 1)))
 
 
-def sha1_hash32(shingles: list[str]) -> np.ndarray:
-    """datasketch.hashfunc.sha1_hash32 over many shingles: the first 4 bytes of SHA-1, little-endian."""
-    digests = b"".join(hashlib.sha1(s.encode("utf-8")).digest()[:4] for s in shingles)
-    return np.frombuffer(digests, dtype="<u4").astype(np.uint32)
+def shingle_spans(normalized_texts: list[str], ngram: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every document's word n-grams as byte ranges of one UTF-8 buffer: (buffer, starts, ends, doc_offsets).
+
+    Normalized text has single spaces between words, so the n-gram " ".join(words[i:i+n]) is the slice from the
+    start of word i to the end of word i+n-1: no shingle string is ever built. Repeats stay (min ignores them).
+    """
+    encoded = [t.encode("utf-8") for t in normalized_texts]
+    buf = np.frombuffer(b" ".join(encoded), dtype=np.uint8)
+    base = np.cumsum([0] + [len(e) + 1 for e in encoded[:-1]], dtype=np.int64)
+    none = np.empty(0, dtype=np.int64)
+    starts, ends, counts = [none], [none], []
+    for offset, text in zip(base, encoded):
+        spaces = np.flatnonzero(np.frombuffer(text, dtype=np.uint8) == 32) + offset
+        n_words = len(spaces) + 1 if text else 0
+        n = max(n_words - ngram + 1, 0)
+        starts.append(np.concatenate([[offset], spaces + 1])[:n])
+        ends.append(np.concatenate([spaces, [offset + len(text)]])[ngram - 1 : ngram - 1 + n])
+        counts.append(n)
+    doc_offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+    return buf, np.concatenate(starts).astype(np.int64), np.concatenate(ends).astype(np.int64), doc_offsets
+
+
+@numba.njit(cache=True, nogil=True)
+def _rotl(x, n):
+    return ((x << np.uint64(n)) | (x >> np.uint64(32 - n))) & np.uint64(0xFFFFFFFF)
+
+
+@numba.njit(cache=True, nogil=True)
+def _padded_word(buf, start, length, total, pos):
+    """Big-endian word at message position pos, past the text: 0x80, zero padding, then the bit length."""
+    word = np.uint64(0)
+    for k in range(4):
+        p = pos + k
+        if p < length:
+            byte = np.uint64(buf[start + p])
+        elif p == length:
+            byte = np.uint64(0x80)
+        elif p >= total - 8:
+            byte = (np.uint64(length) * np.uint64(8) >> np.uint64(8 * (total - 1 - p))) & np.uint64(255)
+        else:
+            byte = np.uint64(0)
+        word = (word << np.uint64(8)) | byte
+    return word
+
+
+@numba.njit(cache=True, nogil=True)
+def sha1_hash32(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """datasketch.hashfunc.sha1_hash32 of each buf[start:end]: the first 4 digest bytes read little-endian.
+
+    SHA-1 (FIPS 180-4) compiled by numba: one call for a whole batch instead of one hashlib call per shingle.
+    """
+    mask = np.uint64(0xFFFFFFFF)
+    out = np.empty(len(starts), dtype=np.uint32)
+    w = np.empty(80, dtype=np.uint64)
+    for i in range(len(starts)):
+        start, length = starts[i], ends[i] - starts[i]
+        total = ((length + 8) // 64 + 1) * 64  # message + 0x80 + zero pad + 64-bit bit length
+        h0, h1, h2 = np.uint64(0x67452301), np.uint64(0xEFCDAB89), np.uint64(0x98BADCFE)
+        h3, h4 = np.uint64(0x10325476), np.uint64(0xC3D2E1F0)
+        for block in range(0, total, 64):
+            for t in range(16):
+                pos = block + 4 * t
+                if pos + 4 <= length:  # a whole word of message bytes: the common case
+                    q = start + pos
+                    w[t] = ((np.uint64(buf[q]) << np.uint64(24)) | (np.uint64(buf[q + 1]) << np.uint64(16))
+                            | (np.uint64(buf[q + 2]) << np.uint64(8)) | np.uint64(buf[q + 3]))
+                else:
+                    w[t] = _padded_word(buf, start, length, total, pos)
+            for t in range(16, 80):
+                w[t] = _rotl(w[t - 3] ^ w[t - 8] ^ w[t - 14] ^ w[t - 16], 1)
+            a, b, c, d, e = h0, h1, h2, h3, h4
+            for t in range(20):
+                tmp = (_rotl(a, 5) + ((b & c) | (~b & mask & d)) + e + np.uint64(0x5A827999) + w[t]) & mask
+                a, b, c, d, e = tmp, a, _rotl(b, 30), c, d
+            for t in range(20, 40):
+                tmp = (_rotl(a, 5) + (b ^ c ^ d) + e + np.uint64(0x6ED9EBA1) + w[t]) & mask
+                a, b, c, d, e = tmp, a, _rotl(b, 30), c, d
+            for t in range(40, 60):
+                tmp = (_rotl(a, 5) + ((b & c) | (b & d) | (c & d)) + e + np.uint64(0x8F1BBCDC) + w[t]) & mask
+                a, b, c, d, e = tmp, a, _rotl(b, 30), c, d
+            for t in range(60, 80):
+                tmp = (_rotl(a, 5) + (b ^ c ^ d) + e + np.uint64(0xCA62C1D6) + w[t]) & mask
+                a, b, c, d, e = tmp, a, _rotl(b, 30), c, d
+            h0, h1 = (h0 + a) & mask, (h1 + b) & mask
+            h2, h3, h4 = (h2 + c) & mask, (h3 + d) & mask, (h4 + e) & mask
+        out[i] = np.uint32(((h0 >> np.uint64(24)) | ((h0 >> np.uint64(8)) & np.uint64(0xFF00))
+                            | ((h0 << np.uint64(8)) & np.uint64(0xFF0000)) | ((h0 << np.uint64(24)) & np.uint64(0xFF000000))))
+    return out
 
 
 def fmix32(h: np.ndarray) -> np.ndarray:
@@ -58,8 +141,24 @@ def fmix32(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint32(16))
 
 
+@numba.njit(cache=True, nogil=True)
+def _min_affine(mixed: np.ndarray, doc_offsets: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """sig[d, p] = min over document d's hashes h of (a[p] * h + b[p]) mod 2**32, fused: no (shingles x perms) matrix."""
+    mask = np.uint64(0xFFFFFFFF)
+    sig = np.full((len(doc_offsets) - 1, len(a)), np.uint32(0xFFFFFFFF), dtype=np.uint32)
+    for d in range(len(doc_offsets) - 1):
+        row = sig[d]
+        for i in range(doc_offsets[d], doc_offsets[d + 1]):
+            h = np.uint64(mixed[i])
+            for p in range(len(a)):
+                v = np.uint32((np.uint64(a[p]) * h + np.uint64(b[p])) & mask)  # mod 2**32, as datasketch's uint32
+                if v < row[p]:
+                    row[p] = v
+    return sig
+
+
 class MinHasher:
-    """Many documents' signatures in one numpy pass, with datasketch's permutations for (num_perm, seed)."""
+    """Many documents' signatures in one compiled pass, with datasketch's permutations for (num_perm, seed)."""
 
     def __init__(self, num_perm: int, seed: int):
         a, b = MinHash(num_perm=num_perm, seed=seed).permutations  # the library's permutations, not a copy
@@ -67,23 +166,13 @@ class MinHasher:
         self.b = np.asarray(b, dtype=np.uint32)
         self.num_perm = num_perm
 
-    def signatures(self, hashes: list[np.ndarray]) -> np.ndarray:
-        """(docs, num_perm) uint32; a document without shingles keeps the all-max "empty" signature."""
-        sig = np.full((len(hashes), self.num_perm), MAX_HASH, dtype=np.uint32)
-        docs = [i for i, h in enumerate(hashes) if len(h)]
-        start = 0
-        while start < len(docs):
-            end, total = start, 0
-            while end < len(docs) and (end == start or total + len(hashes[docs[end]]) <= SHINGLES_PER_CHUNK):
-                total += len(hashes[docs[end]])
-                end += 1
-            chunk = docs[start:end]
-            mixed = fmix32(np.concatenate([hashes[i] for i in chunk]))
-            permuted = mixed[:, None] * self.a[None, :] + self.b[None, :]
-            offsets = np.cumsum([0] + [len(hashes[i]) for i in chunk[:-1]])
-            sig[chunk] = np.minimum.reduceat(permuted, offsets, axis=0)
-            start = end
-        return sig
+    def signatures(self, hashes: np.ndarray, doc_offsets: np.ndarray) -> np.ndarray:
+        """(docs, num_perm) uint32 from shingle hashes grouped by doc_offsets; no shingles: all-max "empty"."""
+        return _min_affine(fmix32(hashes), doc_offsets, self.a, self.b)
+
+    def text_signatures(self, normalized_texts: list[str], ngram: int) -> np.ndarray:
+        buf, starts, ends, doc_offsets = shingle_spans(normalized_texts, ngram)
+        return self.signatures(sha1_hash32(buf, starts, ends), doc_offsets)
 
 
 def band_buckets(sig: np.ndarray, num_bands: int, rows_per_band: int) -> np.ndarray:
@@ -97,11 +186,10 @@ def band_buckets(sig: np.ndarray, num_bands: int, rows_per_band: int) -> np.ndar
 
 def lsh_band_rows(batch: pa.Table, cfg: DedupConfig) -> pa.Table:
     """Ray Data UDF: documents -> one (doc_id, band, bucket) row per band; documents without shingles give none."""
-    normalized = normalize_texts(batch["text"]).to_pylist()
-    hashes = [sha1_hash32(word_shingles(t, cfg.ngram)) for t in normalized]
-    has_shingles = np.array([len(h) > 0 for h in hashes], dtype=bool)
-    sig = MinHasher(cfg.num_perm, cfg.seed).signatures([h for h in hashes if len(h)])  # permutations: microseconds
-    keys = band_buckets(sig, cfg.num_bands, cfg.rows_per_band)
+    buf, starts, ends, doc_offsets = shingle_spans(normalize_texts(batch["text"]).to_pylist(), cfg.ngram)
+    has_shingles = np.diff(doc_offsets) > 0
+    sig = MinHasher(cfg.num_perm, cfg.seed).signatures(sha1_hash32(buf, starts, ends), doc_offsets)
+    keys = band_buckets(sig[has_shingles], cfg.num_bands, cfg.rows_per_band)
     doc_ids = np.array(batch["doc_id"].to_pylist(), dtype=object)[has_shingles]
     return pa.table(
         {
@@ -144,8 +232,9 @@ def candidate_pairs(ds: ray.data.Dataset, cfg: DedupConfig) -> ray.data.Dataset:
 
 def shingle_set_rows(batch: pa.Table, cfg: DedupConfig) -> pa.Table:
     """Ray Data UDF: documents -> (key=doc_id, partner=None, shingles=sorted distinct shingle hashes)."""
-    normalized = normalize_texts(batch["text"]).to_pylist()
-    sets = [np.unique(sha1_hash32(word_shingles(t, cfg.ngram))) for t in normalized]
+    buf, starts, ends, doc_offsets = shingle_spans(normalize_texts(batch["text"]).to_pylist(), cfg.ngram)
+    hashes = sha1_hash32(buf, starts, ends)
+    sets = [np.unique(hashes[lo:hi]) for lo, hi in zip(doc_offsets[:-1], doc_offsets[1:])]
     return pa.table({"key": batch["doc_id"], "partner": pa.nulls(batch.num_rows, pa.string()),
                      "shingles": pa.array(sets, type=pa.list_(pa.uint32()))}, schema=JOIN_SCHEMA)
 

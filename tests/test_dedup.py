@@ -24,7 +24,7 @@ from athanor.pipelines.minhash import (
     connected_components,
     duplicate_roots,
     mark_near_duplicates_stage,
-    sha1_hash32,
+    shingle_spans,
     word_shingles,
 )
 
@@ -53,8 +53,10 @@ def _shingles(text: str, ngram: int = 5) -> list[str]:
 
 @pytest.mark.parametrize(("num_perm", "seed"), [(112, 1), (64, 7)])
 def test_signatures_equal_datasketch_on_real_pages(page_texts, num_perm, seed):
-    shingle_sets = [_shingles(t) for t in page_texts.values()]
-    ours = MinHasher(num_perm, seed).signatures([sha1_hash32(s) for s in shingle_sets])
+    normalized = normalize_texts(pa.array(list(page_texts.values()) + ["too short", ""])).to_pylist()
+    shingle_sets = [word_shingles(t, 5) for t in normalized]
+    ours = MinHasher(num_perm, seed).text_signatures(normalized, 5)
+    assert (ours[-2:] == 0xFFFFFFFF).all()  # no shingle: datasketch's empty signature
     for row, shingles in zip(ours, shingle_sets):
         reference = MinHash(num_perm=num_perm, seed=seed)
         reference.update_batch([s.encode("utf-8") for s in shingles])
