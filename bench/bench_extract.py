@@ -104,7 +104,8 @@ def main() -> None:
     rows = [evaluate(name, pairs, references) for name in ("resiliparse", "trafilatura")]
 
     print(f"{len(pairs)} Python 3.11 doc pages vs their reST sources (bag-of-words overlap, one core)\n")
-    print(f"| extractor | empty | precision (doc avg) | recall (doc avg) | precision (micro) | recall (micro) | pages/s |")
+    print("| extractor | empty | precision (doc avg) | recall (doc avg) | precision (micro) | recall (micro) "
+          "| pages/s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['extractor']} | {r['empty']} | {r['precision_doc']:.3f} | {r['recall_doc']:.3f} | "
