@@ -101,8 +101,8 @@ def run_one(fields: dict, cpus: int) -> dict:
             texts += batch.column("drop_reason").null_count
     seconds = time.perf_counter() - start
     ray.shutdown()
-    return {"records_extracted": records, "texts": texts, "seconds": round(seconds, 1),
-            "driver_mb": peak.driver / MB, "workers_mb": peak.workers / MB, "largest_worker_mb": peak.largest_worker / MB}
+    return {"records_extracted": records, "texts": texts, "seconds": round(seconds, 1), "driver_mb": peak.driver / MB,
+            "workers_mb": peak.workers / MB, "largest_worker_mb": peak.largest_worker / MB}
 
 
 def main() -> None:

@@ -232,6 +232,7 @@ def test_read_crawl_on_ray_counts_every_input_and_bad_file(data_dir, tmp_path, r
     nul = news[0].read_bytes()
     (pages / "nul.html").write_bytes(nul[:100] + b"\x00" + nul[100:])  # binary-looking: extraction drops it
     (pages / "empty.html").write_bytes(b"")
+    (pages / "big.html").write_bytes(padded_page(data_dir, HUNDRED_MB))  # dropped by its size, never read
     articles = lee_articles(data_dir)
     (tmp_path / "lee.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in articles[:150]))
     pq.write_table(pa.table({"text": articles[150:]}), tmp_path / "lee.parquet")
@@ -241,17 +242,20 @@ def test_read_crawl_on_ray_counts_every_input_and_bad_file(data_dir, tmp_path, r
                              f"data.warc_files=[{data_dir / 'warc' / 'iana.warc.gz'}, {tmp_path / '*.warc.gz'}]",
                              f"data.jsonl_files=[{tmp_path / '*.jsonl'}]",
                              f"data.parquet_files=[{tmp_path / '*.parquet'}]"])
+    try:
+        read = read_crawl(cfg.data).materialize()
+        reasons = Counter(r["drop_reason"] for r in read.select_columns(["drop_reason"]).take_all())
+        assert reasons["bad_schema"] == 1 and reasons["empty_file"] == 1 and reasons["too_large"] == 1
+        assert reasons["empty_html"] == 3  # empty.html and 2 records of the WARC
+        assert reasons[None] == 41 + 18 + 300  # pages (NUL one included), the WARC's HTML responses, the articles
+        assert read.count() == 43 + 343 + 300 + 2
 
-    read = read_crawl(cfg.data).materialize()
-    reasons = Counter(r["drop_reason"] for r in read.select_columns(["drop_reason"]).take_all())
-    assert reasons["bad_schema"] == 1 and reasons["empty_file"] == 1 and reasons["empty_html"] == 3  # 2 from the WARC
-    assert reasons[None] == 41 + 18 + 300  # pages (NUL one included), the WARC's HTML responses, the articles
-    assert read.count() == 42 + 343 + 300 + 2
-
-    first = read_crawl(cfg.data).select_columns(["doc_id"]).take_all()
-    assert sorted(r["doc_id"] for r in first) == sorted(r["doc_id"] for r in read.select_columns(["doc_id"]).take_all())
-    extracted = read.map_batches(kept_rows, batch_format="pyarrow")
-    extracted = extracted.map_batches(extract_batch, fn_kwargs={"cfg": ExtractConfig()}, batch_format="pyarrow")
-    texts = extracted.select_columns(["text", "drop_reason"]).take_all()
-    assert sorted(r["text"] for r in texts if r["text"] in set(articles)) == sorted(articles)
-    assert Counter(r["drop_reason"] for r in texts)["binary_content"] == 1
+        ids = sorted(r["doc_id"] for r in read.select_columns(["doc_id"]).take_all())
+        assert sorted(r["doc_id"] for r in read_crawl(cfg.data).select_columns(["doc_id"]).take_all()) == ids
+        extracted = read.map_batches(kept_rows, batch_format="pyarrow")
+        extracted = extracted.map_batches(extract_batch, fn_kwargs={"cfg": ExtractConfig()}, batch_format="pyarrow")
+        texts = extracted.select_columns(["text", "drop_reason"]).take_all()
+        assert sorted(r["text"] for r in texts if r["text"] in set(articles)) == sorted(articles)
+        assert Counter(r["drop_reason"] for r in texts)["binary_content"] == 1
+    finally:
+        (pages / "big.html").unlink()
