@@ -6,6 +6,8 @@ import json
 from collections import Counter
 
 import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from moto.server import ThreadedMotoServer
 
@@ -40,7 +42,10 @@ def local_inputs(data_dir, tmp_path_factory):
     articles = (data_dir / "quality" / "high" / "lee_background.txt").read_text().strip("\n").split("\n")
     jsonl = tmp_path_factory.mktemp("jsonl") / "lee.jsonl"
     jsonl.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(articles)))
-    return {"pages": pages, "warc": data_dir / "warc" / "iana.warc.gz", "jsonl": jsonl}
+    parquet = jsonl.with_suffix(".parquet")
+    pq.write_table(pa.table({"text": articles, "url": [f"https://lee.example/{i}" for i in range(300)]}), parquet,
+                   row_group_size=100)
+    return {"pages": pages, "warc": data_dir / "warc" / "iana.warc.gz", "jsonl": jsonl, "parquet": parquet}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +56,7 @@ def bucket(s3_endpoint, local_inputs):
         s3.upload_file(str(page), BUCKET, f"html/news/{page.name}")
     s3.upload_file(str(local_inputs["warc"]), BUCKET, "warc/iana.warc.gz")
     s3.upload_file(str(local_inputs["jsonl"]), BUCKET, "jsonl/lee.jsonl")
+    s3.upload_file(str(local_inputs["parquet"]), BUCKET, "parquet/lee.parquet")
     return f"s3://{BUCKET}"
 
 
@@ -60,10 +66,11 @@ def _documents(rows) -> Counter:
                    for r in rows)
 
 
-def test_s3_warc_and_jsonl_stream_the_same_records_as_local(s3_endpoint, bucket, local_inputs):
+def test_s3_warc_jsonl_and_parquet_stream_the_same_records_as_local(s3_endpoint, bucket, local_inputs):
     data = DataConfig(s3_endpoint_override=s3_endpoint)
     for kind, key, local in (("warc", "warc/iana.warc.gz", local_inputs["warc"]),
-                             ("jsonl", "jsonl/lee.jsonl", local_inputs["jsonl"])):
+                             ("jsonl", "jsonl/lee.jsonl", local_inputs["jsonl"]),
+                             ("parquet", "parquet/lee.parquet", local_inputs["parquet"])):
         remote = list(file_rows(kind, f"{bucket}/{key}", data))
         assert remote[0]["source"] == f"{bucket}/{key}"
         assert _documents(remote) == _documents(file_rows(kind, str(local), data))
