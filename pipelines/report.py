@@ -47,7 +47,9 @@ def length_histogram(words: np.ndarray) -> list[tuple[str, int]]:
     top = max(1, int(words.max()) if len(words) else 1).bit_length()
     edges = [0, *(2**k for k in range(top + 1))]
     counts, _ = np.histogram(words, bins=edges)
-    return [(f"{lo}-{hi - 1}" if hi - lo > 1 else str(lo), int(n)) for lo, hi, n in zip(edges, edges[1:], counts)]
+    first = int(np.flatnonzero(counts)[0]) if counts.any() else 0  # no run of empty bins below the shortest
+    bins = [(f"{lo}-{hi - 1}" if hi - lo > 1 else str(lo), int(n)) for lo, hi, n in zip(edges, edges[1:], counts)]
+    return bins[first:]
 
 
 def score_histogram(scores: np.ndarray) -> list[tuple[str, int]]:
@@ -88,7 +90,7 @@ def _funnel_svg(stages: list[dict]) -> str:
     """One bar per stage, as long as its input: the kept part, then the dropped part."""
     total = max((s["in"] for s in stages), default=0) or 1
     row, width = 22, 600
-    parts = [f'<svg class="funnel" width="{width + 140}" height="{row * len(stages) + 4}" '
+    parts = [f'<svg class="funnel" width="{width + 250}" height="{row * len(stages) + 4}" '
              'xmlns="http://www.w3.org/2000/svg">']
     for i, s in enumerate(stages):
         y, kept_w = i * row, width * s["kept"] / total
@@ -97,7 +99,8 @@ def _funnel_svg(stages: list[dict]) -> str:
                      f'<rect class="kept" x="130" y="{y + 3}" width="{kept_w:.1f}" height="{row - 6}">'
                      f'<title>kept {s["kept"]}</title></rect>'
                      f'<rect class="dropped" x="{130 + kept_w:.1f}" y="{y + 3}" width="{dropped_w:.1f}" '
-                     f'height="{row - 6}"><title>dropped {s["in"] - s["kept"]}</title></rect>')
+                     f'height="{row - 6}"><title>dropped {s["in"] - s["kept"]}</title></rect>'
+                     f'<text x="{134 + kept_w + dropped_w:.1f}" y="{y + 15}">{s["in"]} \u2192 {s["kept"]}</text>')
     parts.append("</svg>")
     return "".join(parts)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import re
 import shutil
 
 import pyarrow.parquet as pq
@@ -11,11 +13,11 @@ import pytest
 
 from athanor.config import load_config
 from athanor.layout import RunLayout
-from athanor.pipelines.curate import run_curation
+from athanor.pipelines.commit import SHARD_MARKERS, STAGE_MARKER
+from athanor.pipelines.curate import FINAL, curation_stages, run_curation
 
-pytestmark = pytest.mark.slow  # one full curation run (quality training + seven Ray stages) shared by the module
+pytestmark = pytest.mark.slow  # one full curation run (quality training + every Ray stage) shared by the module
 
-STAGES = ["read", "extract", "langid", "heuristics", "exact_dedup", "near_dedup", "quality"]
 CP1252_PAGE = "06ed0a833361190536a4f61888354e07dccaa501bd9a1c0f1c545533bde1650b.html"
 
 
@@ -29,6 +31,9 @@ def curated(data_dir, tmp_path_factory, ray_local):
     page = (news / CP1252_PAGE).read_bytes()
     (bad / "cp1252.html").write_bytes(page.decode("utf-8").encode("cp1252", errors="xmlcharrefreplace"))
     (bad / "binary.html").write_bytes(gzip.compress(page))
+    near_copy = page.replace(b"six years longer", b"six years more")  # one word changed: a near-duplicate
+    assert near_copy != page
+    (bad / "near_copy.html").write_bytes(near_copy)
     iana = (data_dir / "warc" / "iana.warc.gz").read_bytes()
     (tmp / "truncated.warc.gz").write_bytes(iana[: len(iana) // 3])
     shutil.copy(data_dir / "warc" / "pywb_samples" / "example.arc", tmp / "not_a.warc")
@@ -38,6 +43,7 @@ def curated(data_dir, tmp_path_factory, ray_local):
         f"data.html_dirs=[{news},{bad}]",
         f"data.warc_files=[{data_dir / 'warc' / 'iana.warc.gz'},{tmp / 'truncated.warc.gz'},{tmp / 'not_a.warc'}]",
         "data.max_docs_per_source=12",
+        "curate.docs_per_shard=16",  # several doc_id ranges per stage, to resume from
         f"curate.quality.high=[{high}]",
         f"curate.quality.low=[{data_dir / 'quality' / 'low' / 'sms.txt'}]",
         f"run.workdir={tmp / 'run'}",
@@ -46,9 +52,15 @@ def curated(data_dir, tmp_path_factory, ray_local):
     return cfg, layout, run_curation(cfg, layout)
 
 
+def _digests(layout: RunLayout) -> dict[str, str]:
+    files = sorted(p for d in ("curated", "stats") for p in (layout.root / d).rglob("*") if p.is_file())
+    return {str(p.relative_to(layout.root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
+            if p.name != "timings.json"}
+
+
 def test_every_stage_conserves_documents(curated):
-    _, layout, summary = curated
-    assert [s["stage"] for s in summary["stages"]] == STAGES
+    cfg, layout, summary = curated
+    assert [s["stage"] for s in summary["stages"]] == [name for name, _ in curation_stages(cfg, layout)]
     previous_kept = None
     for stats in summary["stages"]:
         assert stats["in"] == stats["kept"] + sum(stats["dropped"].values())
@@ -57,7 +69,8 @@ def test_every_stage_conserves_documents(curated):
         previous_kept = stats["kept"]
         assert json.loads(layout.stats(stats["stage"]).read_text()) == stats
     assert summary["in"] == summary["kept"] + sum(summary["dropped"].values())
-    assert json.loads(layout.stats("curation").read_text()) == summary
+    assert json.loads(layout.stats("curation").read_text()) == {k: v for k, v in summary.items() if k != "seconds"}
+    assert set(json.loads(layout.stats("timings").read_text())) == {s["stage"] for s in summary["stages"]} | {FINAL}
 
 
 def test_bad_inputs_are_named_drops_and_quarantine_entries(curated):
@@ -107,4 +120,55 @@ def test_a_run_where_everything_is_dropped_still_finishes(data_dir, tmp_path, ra
     summary = run_curation(cfg, RunLayout.from_workdir(cfg.run.workdir))
     assert summary["in"] == 2 and summary["kept"] == 0
     assert summary["dropped"] == {"empty_html": 1, "binary_content": 1}
-    assert [s["in"] for s in summary["stages"]] == [2, 1, 0, 0, 0, 0]  # no quality stage when it is disabled
+    ins = [s["in"] for s in summary["stages"]]
+    assert ins[:2] == [2, 1] and not any(ins[2:]) and "quality" not in [s["stage"] for s in summary["stages"]]
+
+
+def _svg_counts(page: str, name: str) -> tuple[int, list[int]]:
+    (svg,) = re.findall(rf'<svg class="histogram" data-name="{name}" data-total="(\d+)"(.*?)</svg>', page, re.S)
+    return int(svg[0]), [int(n) for n in re.findall(r'data-count="(\d+)"', svg[1])]
+
+
+def test_report_shows_funnel_histograms_and_clusters(curated):
+    _, layout, summary = curated
+    page = (layout.stats_dir / "report.html").read_text()
+    assert "<script" not in page and "http" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained
+    for stats in summary["stages"]:
+        assert 'data-stage="{stage}" data-in="{in}" data-kept="{kept}"'.format(**stats) in page
+        assert all(f"{reason}: {n}" in page for reason, n in stats["dropped"].items())
+    for name in ("length_words", "quality_score"):
+        total, bars = _svg_counts(page, name)
+        assert total == sum(bars) == summary["kept"]
+    near = {s["stage"]: s for s in summary["stages"]}["near_dedup"]["dropped"].get("near_duplicate", 0)
+    assert near >= 1  # the one-word copy of a real page
+    clusters, bars = _svg_counts(page, "cluster_size")
+    sizes = [int(s) for s in re.findall(r'data-bin="(\d+)"', page.split('data-name="cluster_size"')[1])]
+    assert clusters == sum(bars) >= 1 and sum((size - 1) * n for size, n in zip(sizes, bars)) == near
+
+
+def test_a_rerun_skips_committed_stages_and_writes_the_same_bytes(curated):
+    cfg, layout, _ = curated
+    before = _digests(layout)
+    markers = {p: p.stat().st_mtime_ns for p in layout.root.glob(f"curated/*/{STAGE_MARKER}")}
+    run_curation(cfg, layout)
+    assert _digests(layout) == before
+    assert {p: p.stat().st_mtime_ns for p in markers} == markers
+
+
+def test_a_half_committed_stage_redoes_only_its_missing_ranges(curated):
+    """The state a kill leaves: quality has some ranges committed, final none; the rest is done."""
+    cfg, layout, _ = curated
+    before = _digests(layout)
+    quality = layout.curated("quality")
+    shard_markers = sorted((quality / SHARD_MARKERS).glob("*.json"))
+    assert len(shard_markers) >= 2
+    for stage in ("quality", FINAL):
+        (layout.curated(stage) / STAGE_MARKER).unlink()
+    shutil.rmtree(layout.curated(FINAL))
+    for marker in shard_markers[::2]:
+        marker.unlink()
+        (quality / marker.with_suffix(".parquet").name).unlink(missing_ok=True)
+    kept = {p: p.stat().st_mtime_ns for p in shard_markers[1::2]}
+    run_curation(cfg, layout)
+    assert _digests(layout) == before
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
