@@ -32,7 +32,7 @@ from athanor.pipelines.langid import LanguageIdentifier
 from athanor.pipelines.minhash import mark_near_duplicates_stage
 from athanor.pipelines.pii import pii_batch
 from athanor.pipelines.quality import QualityScorer, model_is_current, model_path, train_quality_classifier
-from athanor.pipelines.read import read_crawl
+from athanor.pipelines.read import list_files, list_html_files, read_crawl
 from athanor.pipelines.report import write_report
 from athanor.pipelines.stats import kept_rows, mark, reason_counts, stage_stats, write_json
 from athanor.pipelines.urlfilter import UrlFilter
@@ -95,8 +95,12 @@ def curation_stages(cfg: AthanorConfig, layout: RunLayout) -> list[tuple[str, St
 
 
 def _run_key(cfg: AthanorConfig, layout: RunLayout) -> str:
-    """What every stage's output depends on: the data and curate config and, when scoring, the quality model."""
-    digest = hashlib.sha256(cfg.section_hash("data", "curate").encode())
+    """What every stage's output depends on: the data and curate config, the input files (names and sizes: a new
+    or grown input must not reuse committed stages) and, when scoring, the quality model."""
+    d = cfg.data
+    inputs = [*list_html_files(d), *(f for field in ("warc_files", "jsonl_files", "parquet_files")
+                                     for f in list_files(getattr(d, field), d, field))]
+    digest = hashlib.sha256(f"{cfg.section_hash('data', 'curate')} {inputs}".encode())
     if cfg.curate.quality.enabled:
         digest.update(model_path(layout).read_bytes())
     return digest.hexdigest()[:16]
