@@ -1,10 +1,10 @@
 """MinHash signatures/s on one core: athanor's MinHasher (batched, compiled) against datasketch, same real pages.
 
-The documents are the 258 extracted news pages (data/html/news), normalized as curation does. datasketch gets each
+The documents are the 258 extracted news pages (data/html/news), normalized as curation does (an Arrow string array). datasketch gets each
 page's shingles prebuilt as UTF-8 bytes and runs `MinHash(num_perm=112).update_batch(shingles)` per document (the
 usual per-document use, permutations drawn in the constructor); a second baseline row reuses one permutation set
 (`MinHash(num_perm, permutations=...)`) to show what is left without the constructor. MinHasher starts from the
-normalized texts (building its shingle spans is inside the timing). Every signature is asserted identical.
+normalized Arrow array (finding its shingle spans is inside the timing). Every signature is asserted identical.
 
     python bench/bench_minhash.py [--repeat 5]
 """
@@ -45,14 +45,15 @@ def main() -> None:
     cfg = DedupConfig()
 
     texts = [html_to_text(p.read_bytes(), ExtractConfig())[0] for p in sorted(args.pages.glob("*.html"))]
-    normalized = normalize_texts(pa.array([t for t in texts if t] * args.copies)).to_pylist()
+    normalized_array = normalize_texts(pa.array([t for t in texts if t] * args.copies))
+    normalized = normalized_array.to_pylist()
     shingles = [[s.encode("utf-8") for s in word_shingles(t, cfg.ngram)] for t in normalized]
     docs, total = len(normalized), sum(map(len, shingles))
     print(f"{docs} documents ({len(normalized) // args.copies} pages x {args.copies}), {total:,} shingles, "
           f"num_perm={cfg.num_perm}, 1 core\n")
 
     hasher = MinHasher(cfg.num_perm, cfg.seed)
-    hasher.text_signatures(normalized[:2], cfg.ngram)  # numba compiles (or loads its cache) outside the timing
+    hasher.text_signatures(normalized_array[:2], cfg.ngram)  # numba compiles (or loads its cache) outside the timing
     shared = MinHash(num_perm=cfg.num_perm, seed=cfg.seed).permutations
 
     def datasketch_fresh():
@@ -74,7 +75,7 @@ def main() -> None:
     rows = []
     for name, fn in [("datasketch MinHash(112).update_batch, per doc", datasketch_fresh),
                      ("datasketch, shared permutations, per doc", datasketch_shared),
-                     ("athanor MinHasher.text_signatures, batched", lambda: hasher.text_signatures(normalized, 5))]:
+                     ("athanor MinHasher.text_signatures, batched", lambda: hasher.text_signatures(normalized_array, cfg.ngram))]:
         seconds, sig = best_of(args.repeat, fn)
         rows.append((name, seconds, sig))
     reference = rows[0][2]

@@ -30,6 +30,8 @@ from athanor.pipelines.stats import mark, write_json
 
 CLUSTER_REPORT = "near_dedup_clusters"  # stats/near_dedup_clusters.json
 MAX_HASH = np.uint32(0xFFFFFFFF)
+H0 = 0x67452301  # SHA-1's first initial state word
+LANES = 64  # messages hashed side by side in _sha1_one_block
 EDGE_SCHEMA = pa.schema([("doc_id", pa.string()), ("dup_of", pa.string())])  # dup_of < doc_id
 STAR_SCHEMA = EDGE_SCHEMA.append(pa.field("unstable", pa.bool_()))
 SCORED_EDGE_SCHEMA = EDGE_SCHEMA.append(pa.field("jaccard", pa.float64()))
@@ -42,26 +44,46 @@ def word_shingles(normalized_text: str, ngram: int) -> list[str]:
     return list(dict.fromkeys(" ".join(words[i : i + ngram]) for i in range(len(words) - ngram + 1)))
 
 
-def shingle_spans(normalized_texts: list[str], ngram: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Every document's word n-grams as byte ranges of one UTF-8 buffer: (buffer, starts, ends, doc_offsets).
+def shingle_spans(normalized_texts: pa.Array | pa.ChunkedArray, ngram: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every document's word n-grams as byte ranges of the texts' Arrow buffer: (buffer, starts, ends, doc_offsets).
 
     Normalized text has single spaces between words, so the n-gram " ".join(words[i:i+n]) is the slice from the
-    start of word i to the end of word i+n-1: no shingle string is ever built. Repeats stay (min ignores them).
+    start of word i to the end of word i+n-1: no shingle string is built and no Python runs per text. Repeats stay
+    (the minimum ignores them). A null text has no shingles.
     """
-    encoded = [t.encode("utf-8") for t in normalized_texts]
-    buf = np.frombuffer(b" ".join(encoded), dtype=np.uint8)
-    base = np.cumsum([0] + [len(e) + 1 for e in encoded[:-1]], dtype=np.int64)
-    none = np.empty(0, dtype=np.int64)
-    starts, ends, counts = [none], [none], []
-    for offset, text in zip(base, encoded):
-        spaces = np.flatnonzero(np.frombuffer(text, dtype=np.uint8) == 32) + offset
-        n_words = len(spaces) + 1 if text else 0
-        n = max(n_words - ngram + 1, 0)
-        starts.append(np.concatenate([[offset], spaces + 1])[:n])
-        ends.append(np.concatenate([spaces, [offset + len(text)]])[ngram - 1 : ngram - 1 + n])
-        counts.append(n)
-    doc_offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
-    return buf, np.concatenate(starts).astype(np.int64), np.concatenate(ends).astype(np.int64), doc_offsets
+    texts = normalized_texts.cast(pa.large_string())
+    texts = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
+    texts = pc.fill_null(texts, "") if texts.null_count else texts
+    _, offsets, data = texts.buffers()
+    bounds = np.frombuffer(offsets, dtype=np.int64)[texts.offset : texts.offset + len(texts) + 1]
+    buf = np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, dtype=np.uint8)
+    return (buf, *_ngram_spans(buf, bounds, ngram))
+
+
+@numba.njit(cache=True, nogil=True)
+def _ngram_spans(buf, bounds, ngram):
+    cap = max(bounds[-1] - bounds[0], 1)  # no text has more words than bytes
+    word_starts, word_ends = np.empty(cap, np.int64), np.empty(cap, np.int64)
+    starts, ends = np.empty(cap, np.int64), np.empty(cap, np.int64)
+    doc_offsets = np.zeros(len(bounds), np.int64)
+    k = 0
+    for d in range(len(bounds) - 1):
+        lo, hi, n_words = bounds[d], bounds[d + 1], 0
+        if hi > lo:
+            word_start = lo
+            for pos in range(lo, hi):
+                if buf[pos] == 32:
+                    word_starts[n_words], word_ends[n_words] = word_start, pos
+                    n_words += 1
+                    word_start = pos + 1
+            word_starts[n_words], word_ends[n_words] = word_start, hi
+            n_words += 1
+        for i in range(n_words - ngram + 1):
+            starts[k], ends[k] = word_starts[i], word_ends[i + ngram - 1]
+            k += 1
+        doc_offsets[d + 1] = k
+    return starts[:k], ends[:k], doc_offsets
 
 
 @numba.njit(cache=True, nogil=True)
@@ -88,18 +110,14 @@ def _padded_word(buf, start, length, total, pos):
 
 
 @numba.njit(cache=True, nogil=True)
-def sha1_hash32(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """datasketch.hashfunc.sha1_hash32 of each buf[start:end]: the first 4 digest bytes read little-endian.
-
-    SHA-1 (FIPS 180-4) compiled by numba: one call for a whole batch instead of one hashlib call per shingle.
-    """
+def _sha1_any_length(buf, starts, ends, idx, out):
+    """Messages of any length, one at a time (the rare shingle longer than 55 bytes)."""
     mask = np.uint64(0xFFFFFFFF)
-    out = np.empty(len(starts), dtype=np.uint32)
     w = np.empty(80, dtype=np.uint64)
-    for i in range(len(starts)):
+    for i in idx:
         start, length = starts[i], ends[i] - starts[i]
         total = ((length + 8) // 64 + 1) * 64  # message + 0x80 + zero pad + 64-bit bit length
-        h0, h1, h2 = np.uint64(0x67452301), np.uint64(0xEFCDAB89), np.uint64(0x98BADCFE)
+        h0, h1, h2 = np.uint64(H0), np.uint64(0xEFCDAB89), np.uint64(0x98BADCFE)
         h3, h4 = np.uint64(0x10325476), np.uint64(0xC3D2E1F0)
         for block in range(0, total, 64):
             for t in range(16):
@@ -127,8 +145,76 @@ def sha1_hash32(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.nda
                 a, b, c, d, e = tmp, a, _rotl(b, 30), c, d
             h0, h1 = (h0 + a) & mask, (h1 + b) & mask
             h2, h3, h4 = (h2 + c) & mask, (h3 + d) & mask, (h4 + e) & mask
-        out[i] = np.uint32(((h0 >> np.uint64(24)) | ((h0 >> np.uint64(8)) & np.uint64(0xFF00))
-                            | ((h0 << np.uint64(8)) & np.uint64(0xFF0000)) | ((h0 << np.uint64(24)) & np.uint64(0xFF000000))))
+        out[i] = np.uint32((h0 >> np.uint64(24)) | ((h0 >> np.uint64(8)) & np.uint64(0xFF00))
+                           | ((h0 << np.uint64(8)) & np.uint64(0xFF0000)) | ((h0 << np.uint64(24)) & mask))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _rotl32(x, n):
+    return (x << np.uint32(n)) | (x >> np.uint32(32 - n))  # garbage above bit 31 is cut by the uint32 store
+
+
+@numba.njit(cache=True, nogil=True)
+def _sha1_one_block(buf, starts, ends, idx, out):
+    """Messages of at most 55 bytes (one padded block), LANES at a time: each round is a loop over lanes that LLVM
+    turns into SIMD instructions. uint32 arrays make every store wrap mod 2**32."""
+    w = np.zeros((80, LANES), dtype=np.uint32)
+    a, b, c = np.empty(LANES, np.uint32), np.empty(LANES, np.uint32), np.empty(LANES, np.uint32)
+    d, e = np.empty(LANES, np.uint32), np.empty(LANES, np.uint32)
+    for base in range(0, len(idx), LANES):
+        m = min(LANES, len(idx) - base)
+        w[:16, :] = 0
+        for j in range(m):
+            start, length = starts[idx[base + j]], ends[idx[base + j]] - starts[idx[base + j]]
+            for p in range(length):
+                w[p >> 2, j] |= np.uint32(buf[start + p]) << np.uint32(24 - 8 * (p & 3))
+            w[length >> 2, j] |= np.uint32(0x80) << np.uint32(24 - 8 * (length & 3))
+            w[15, j] = np.uint32(8 * length)
+        for t in range(16, 80):
+            for j in range(LANES):
+                x = w[t - 3, j] ^ w[t - 8, j] ^ w[t - 14, j] ^ w[t - 16, j]
+                w[t, j] = _rotl32(x, 1)
+        a[:] = H0
+        b[:] = 0xEFCDAB89
+        c[:] = 0x98BADCFE
+        d[:] = 0x10325476
+        e[:] = 0xC3D2E1F0
+        for t in range(0, 20):
+            for j in range(LANES):
+                aj, bj, cj, dj = a[j], b[j], c[j], d[j]
+                a[j] = _rotl32(aj, 5) + ((bj & cj) | (~bj & dj)) + e[j] + np.uint32(0x5A827999) + w[t, j]
+                e[j], d[j], c[j], b[j] = dj, cj, _rotl32(bj, 30), aj
+        for t in range(20, 40):
+            for j in range(LANES):
+                aj, bj, cj, dj = a[j], b[j], c[j], d[j]
+                a[j] = _rotl32(aj, 5) + (bj ^ cj ^ dj) + e[j] + np.uint32(0x6ED9EBA1) + w[t, j]
+                e[j], d[j], c[j], b[j] = dj, cj, _rotl32(bj, 30), aj
+        for t in range(40, 60):
+            for j in range(LANES):
+                aj, bj, cj, dj = a[j], b[j], c[j], d[j]
+                a[j] = _rotl32(aj, 5) + ((bj & cj) | (bj & dj) | (cj & dj)) + e[j] + np.uint32(0x8F1BBCDC) + w[t, j]
+                e[j], d[j], c[j], b[j] = dj, cj, _rotl32(bj, 30), aj
+        for t in range(60, 80):
+            for j in range(LANES):
+                aj, bj, cj, dj = a[j], b[j], c[j], d[j]
+                a[j] = _rotl32(aj, 5) + (bj ^ cj ^ dj) + e[j] + np.uint32(0xCA62C1D6) + w[t, j]
+                e[j], d[j], c[j], b[j] = dj, cj, _rotl32(bj, 30), aj
+        for j in range(m):
+            h0 = np.uint32(a[j] + np.uint32(H0))
+            out[idx[base + j]] = ((h0 >> np.uint32(24)) | ((h0 >> np.uint32(8)) & np.uint32(0xFF00))
+                                  | ((h0 << np.uint32(8)) & np.uint32(0xFF0000)) | (h0 << np.uint32(24)))
+
+
+def sha1_hash32(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """datasketch.hashfunc.sha1_hash32 of each buf[start:end]: the first 4 SHA-1 digest bytes read little-endian.
+
+    SHA-1 (FIPS 180-4) compiled by numba for the whole batch instead of one hashlib call per shingle; word 5-grams
+    almost always fit one block, and those are hashed LANES messages at a time in SIMD registers.
+    """
+    out = np.empty(len(starts), dtype=np.uint32)
+    one_block = ends - starts <= 55
+    _sha1_one_block(buf, starts, ends, np.flatnonzero(one_block), out)
+    _sha1_any_length(buf, starts, ends, np.flatnonzero(~one_block), out)
     return out
 
 
@@ -143,7 +229,7 @@ def fmix32(h: np.ndarray) -> np.ndarray:
 
 @numba.njit(cache=True, nogil=True)
 def _min_affine(mixed: np.ndarray, doc_offsets: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """sig[d, p] = min over document d's hashes h of (a[p] * h + b[p]) mod 2**32, fused: no (shingles x perms) matrix."""
+    """sig[d, p] = min over document d's hashes h of (a[p] * h + b[p]) mod 2**32, fused: no shingles x perms matrix."""
     mask = np.uint64(0xFFFFFFFF)
     sig = np.full((len(doc_offsets) - 1, len(a)), np.uint32(0xFFFFFFFF), dtype=np.uint32)
     for d in range(len(doc_offsets) - 1):
@@ -170,7 +256,7 @@ class MinHasher:
         """(docs, num_perm) uint32 from shingle hashes grouped by doc_offsets; no shingles: all-max "empty"."""
         return _min_affine(fmix32(hashes), doc_offsets, self.a, self.b)
 
-    def text_signatures(self, normalized_texts: list[str], ngram: int) -> np.ndarray:
+    def text_signatures(self, normalized_texts: pa.Array | pa.ChunkedArray, ngram: int) -> np.ndarray:
         buf, starts, ends, doc_offsets = shingle_spans(normalized_texts, ngram)
         return self.signatures(sha1_hash32(buf, starts, ends), doc_offsets)
 
@@ -186,7 +272,7 @@ def band_buckets(sig: np.ndarray, num_bands: int, rows_per_band: int) -> np.ndar
 
 def lsh_band_rows(batch: pa.Table, cfg: DedupConfig) -> pa.Table:
     """Ray Data UDF: documents -> one (doc_id, band, bucket) row per band; documents without shingles give none."""
-    buf, starts, ends, doc_offsets = shingle_spans(normalize_texts(batch["text"]).to_pylist(), cfg.ngram)
+    buf, starts, ends, doc_offsets = shingle_spans(normalize_texts(batch["text"]), cfg.ngram)
     has_shingles = np.diff(doc_offsets) > 0
     sig = MinHasher(cfg.num_perm, cfg.seed).signatures(sha1_hash32(buf, starts, ends), doc_offsets)
     keys = band_buckets(sig[has_shingles], cfg.num_bands, cfg.rows_per_band)
@@ -232,7 +318,7 @@ def candidate_pairs(ds: ray.data.Dataset, cfg: DedupConfig) -> ray.data.Dataset:
 
 def shingle_set_rows(batch: pa.Table, cfg: DedupConfig) -> pa.Table:
     """Ray Data UDF: documents -> (key=doc_id, partner=None, shingles=sorted distinct shingle hashes)."""
-    buf, starts, ends, doc_offsets = shingle_spans(normalize_texts(batch["text"]).to_pylist(), cfg.ngram)
+    buf, starts, ends, doc_offsets = shingle_spans(normalize_texts(batch["text"]), cfg.ngram)
     hashes = sha1_hash32(buf, starts, ends)
     sets = [np.unique(hashes[lo:hi]) for lo, hi in zip(doc_offsets[:-1], doc_offsets[1:])]
     return pa.table({"key": batch["doc_id"], "partner": pa.nulls(batch.num_rows, pa.string()),

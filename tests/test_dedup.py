@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -24,6 +25,7 @@ from athanor.pipelines.minhash import (
     connected_components,
     duplicate_roots,
     mark_near_duplicates_stage,
+    sha1_hash32,
     shingle_spans,
     word_shingles,
 )
@@ -53,14 +55,28 @@ def _shingles(text: str, ngram: int = 5) -> list[str]:
 
 @pytest.mark.parametrize(("num_perm", "seed"), [(112, 1), (64, 7)])
 def test_signatures_equal_datasketch_on_real_pages(page_texts, num_perm, seed):
-    normalized = normalize_texts(pa.array(list(page_texts.values()) + ["too short", ""])).to_pylist()
-    shingle_sets = [word_shingles(t, 5) for t in normalized]
+    normalized = normalize_texts(pa.array(list(page_texts.values()) + ["too short", ""]))
+    shingle_sets = [word_shingles(t, 5) for t in normalized.to_pylist()]
     ours = MinHasher(num_perm, seed).text_signatures(normalized, 5)
     assert (ours[-2:] == 0xFFFFFFFF).all()  # no shingle: datasketch's empty signature
     for row, shingles in zip(ours, shingle_sets):
         reference = MinHash(num_perm=num_perm, seed=seed)
         reference.update_batch([s.encode("utf-8") for s in shingles])
         np.testing.assert_array_equal(row, reference.hashvalues)
+
+
+def test_shingle_spans_and_sha1_match_python_on_real_pages_and_long_words(page_texts):
+    """Spans equal word_shingles; the SIMD one-block and the any-length SHA-1 paths both equal hashlib."""
+    texts = list(page_texts.values())[:5] + ["Pneumonoultramicroscopicsilicovolcanoconiosis " * 8, "", "two words"]
+    normalized = normalize_texts(pa.array(texts))
+    buf, starts, ends, doc_offsets = shingle_spans(normalized, 5)
+    hashes = sha1_hash32(buf, starts, ends)
+    assert (ends - starts > 55).any() and (ends - starts <= 55).any()
+    for d, text in enumerate(normalized.to_pylist()):
+        spans = [bytes(buf[a:b]) for a, b in zip(starts[doc_offsets[d] : doc_offsets[d + 1]], ends[doc_offsets[d] :])]
+        assert list(dict.fromkeys(s.decode() for s in spans)) == word_shingles(text, 5)
+        expected = [int.from_bytes(hashlib.sha1(s).digest()[:4], "little") for s in spans]
+        assert hashes[doc_offsets[d] : doc_offsets[d + 1]].tolist() == expected
 
 
 def test_normalization_ignores_case_punctuation_digits_and_spacing():
