@@ -15,6 +15,8 @@ distribution, candidate pairs, pairs removed by the Jaccard check) goes to stats
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numba
 import numpy as np
 import pyarrow as pa
@@ -33,7 +35,7 @@ MAX_HASH = np.uint32(0xFFFFFFFF)
 H0 = 0x67452301  # SHA-1's first initial state word
 LANES = 64  # messages hashed side by side in _sha1_one_block
 EDGE_SCHEMA = pa.schema([("doc_id", pa.string()), ("dup_of", pa.string())])  # dup_of < doc_id
-STAR_SCHEMA = EDGE_SCHEMA.append(pa.field("unstable", pa.bool_()))
+STAR_SCHEMA = EDGE_SCHEMA.append(pa.field("unstable", pa.bool_())).append(pa.field("component_size", pa.int64()))
 SCORED_EDGE_SCHEMA = EDGE_SCHEMA.append(pa.field("jaccard", pa.float64()))
 JOIN_SCHEMA = pa.schema([("key", pa.string()), ("partner", pa.string()), ("shingles", pa.list_(pa.uint32()))])
 
@@ -381,7 +383,8 @@ def large_star(group: pa.Table) -> pa.Table:
     """One node u with all its neighbours: link every larger neighbour (and u) to the smallest node in sight.
 
     `unstable` flags a node that is neither a root (all neighbours larger) nor a leaf hanging off a single smaller
-    node; when no row is flagged the graph is a forest of stars around each component's smallest doc_id.
+    node; when no row is flagged the graph is a forest of stars around each component's smallest doc_id, and
+    `component_size` (root and leaves) is the size of the root's component.
     """
     u = group["doc_id"][0].as_py()
     neighbours = set(group["dup_of"].to_pylist())
@@ -389,7 +392,8 @@ def large_star(group: pa.Table) -> pa.Table:
     stable = m == u or len(neighbours) == 1
     out = sorted({(v, m) for v in neighbours if v > u} | (set() if stable else {(u, m)}))
     return pa.table({"doc_id": [a for a, _ in out], "dup_of": [b for _, b in out],
-                     "unstable": [not stable] * len(out)}, schema=STAR_SCHEMA)
+                     "unstable": [not stable] * len(out), "component_size": [len(neighbours) + 1] * len(out)},
+                    schema=STAR_SCHEMA)
 
 
 def small_star(group: pa.Table) -> pa.Table:
@@ -406,21 +410,32 @@ def both_directions(edges: pa.Table) -> pa.Table:
 
 
 @ray.remote(num_cpus=0.1)
-def _block_true_count(block: pa.Table, column: str) -> int:
-    return int(pc.sum(block[column]).as_py() or 0) if block.num_rows else 0
+def _block_star_counts(block: pa.Table) -> tuple[int, Counter]:
+    if not block.num_rows:
+        return 0, Counter()
+    sizes = pc.value_counts(block["component_size"]).to_pylist()
+    return int(pc.sum(block["unstable"]).as_py() or 0), Counter({c["values"]: c["counts"] for c in sizes})
 
 
-def true_count(ds: ray.data.MaterializedDataset, column: str) -> int:
-    """Rows with `column` true, one small task per block: only the counts reach the driver."""
-    return sum(ray.get([_block_true_count.remote(ref, column) for ref in ds.to_arrow_refs()]))
+def star_counts(stars: ray.data.MaterializedDataset) -> tuple[int, dict[int, int]]:
+    """(unstable rows, {component size: components}), one small task per block: only counts reach the driver.
+
+    The size histogram is meaningful once nothing is unstable: a root's component of size s has s - 1 leaf rows.
+    """
+    unstable, rows = 0, Counter()
+    for block_unstable, block_rows in ray.get([_block_star_counts.remote(ref) for ref in stars.to_arrow_refs()]):
+        unstable += block_unstable
+        rows.update(block_rows)
+    return unstable, {size: n // (size - 1) for size, n in sorted(rows.items())}
 
 
-def connected_components(edges: ray.data.Dataset, cfg: DedupConfig) -> tuple[ray.data.MaterializedDataset, int]:
+def connected_components(edges: ray.data.Dataset, cfg: DedupConfig
+                         ) -> tuple[ray.data.MaterializedDataset, int, dict[int, int]]:
     """Edges (doc_id, dup_of) -> (doc_id, dup_of=smallest doc_id of its component) for every non-smallest node.
 
     Alternates large-star (on both directions of each edge) and small-star (on edges pointing to the smaller node),
     each a groupby on doc_id, until large-star finds every node stable; O(log n) rounds, no process holding every
-    edge. Returns the mapping and the number of rounds.
+    edge. Returns the mapping, the number of rounds and {component size: components}.
     """
     for round_ in range(1, cfg.max_component_rounds + 1):
         stars = (
@@ -429,8 +444,9 @@ def connected_components(edges: ray.data.Dataset, cfg: DedupConfig) -> tuple[ray
             .map_groups(large_star, batch_format="pyarrow")
             .materialize()
         )
-        if true_count(stars, "unstable") == 0:
-            return stars.select_columns(["doc_id", "dup_of"]).materialize(), round_
+        unstable, sizes = star_counts(stars)
+        if unstable == 0:
+            return stars, round_, sizes
         edges = (
             stars.groupby("doc_id", num_partitions=cfg.shuffle_partitions)
             .map_groups(small_star, batch_format="pyarrow")
@@ -464,29 +480,12 @@ def duplicate_roots(edges: list[tuple[str, str]]) -> dict[str, str]:
 
 
 def mark_near_duplicates(batch: pa.Table, roots: list[ray.ObjectRef]) -> pa.Table:
-    """Ray Data UDF: look each doc_id up in the (doc_id, survivor) blocks (a broadcast join on duplicates only)."""
+    """Ray Data UDF: look each doc_id up in the (doc_id, dup_of) survivor blocks (a broadcast join on duplicates)."""
     mapping = pa.concat_tables(ray.get(roots)) if roots else EDGE_SCHEMA.empty_table()
     at = pc.index_in(batch["doc_id"], value_set=mapping["doc_id"])
     dup_of = pc.take(mapping["dup_of"], at) if mapping.num_rows else pa.nulls(batch.num_rows, pa.string())
     out = batch.append_column("near_dup_of", dup_of.cast(pa.string()))
     return mark(out, [None if r is None else "near_duplicate" for r in out["near_dup_of"].to_pylist()])
-
-
-def cluster_sizes(roots: ray.data.MaterializedDataset, cfg: DedupConfig) -> dict[int, int]:
-    """{component size: number of components} for components of two or more documents (a groupby per level)."""
-    if roots.count() == 0:
-        return {}
-    sizes = (
-        roots.groupby("dup_of", num_partitions=cfg.shuffle_partitions).count()
-        .map_batches(_component_size, batch_format="pyarrow")
-        .groupby("size", num_partitions=cfg.shuffle_partitions).count()
-        .take_all()
-    )
-    return {int(s["size"]): int(s["count()"]) for s in sorted(sizes, key=lambda s: s["size"])}
-
-
-def _component_size(per_survivor: pa.Table) -> pa.Table:
-    return pa.table({"size": pc.add(per_survivor["count()"], 1)})
 
 
 def mark_near_duplicates_stage(ds: ray.data.Dataset, cfg: DedupConfig, layout: RunLayout | None = None
@@ -497,12 +496,11 @@ def mark_near_duplicates_stage(ds: ray.data.Dataset, cfg: DedupConfig, layout: R
     report = {"documents": ds.count(), "candidate_pairs": pairs.count(), "jaccard_threshold": cfg.jaccard_threshold,
               "pairs_removed_by_jaccard": 0}
     if cfg.jaccard_threshold is not None and report["candidate_pairs"]:
-        scored = jaccard_scored_pairs(pairs, ds, cfg).materialize()
+        scored = jaccard_scored_pairs(pairs, ds, cfg)
         pairs = scored.filter(expr=col("jaccard") >= cfg.jaccard_threshold).select_columns(["doc_id", "dup_of"])
         pairs = pairs.materialize()
         report["pairs_removed_by_jaccard"] = report["candidate_pairs"] - pairs.count()
-    roots, rounds = connected_components(pairs, cfg) if pairs.count() else (pairs, 0)
-    sizes = cluster_sizes(roots, cfg)
+    roots, rounds, sizes = connected_components(pairs, cfg) if pairs.count() else (pairs, 0, {})
     report.update({"component_rounds": rounds, "duplicates": roots.count(), "clusters": sum(sizes.values()),
                    "cluster_sizes": {str(k): v for k, v in sizes.items()}})
     if layout is not None:

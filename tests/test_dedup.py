@@ -121,12 +121,12 @@ def test_near_dedup_finds_real_lookalikes_and_small_edits(page_texts, ray_local)
     assert {r["doc_id"] for r in rows} == set(texts)  # the one-shingle-less "short" doc passes through
 
 
-def _components(pairs: list[tuple[str, str]]) -> tuple[dict[str, str], int]:
+def _components(pairs: list[tuple[str, str]]) -> tuple[dict[str, str], int, dict[int, int]]:
     edges = pa.table({"doc_id": [a for a, _ in pairs], "dup_of": [b for _, b in pairs]}, schema=EDGE_SCHEMA)
     ds = ray.data.from_arrow(edges)
     ds.context.shuffle_strategy = ShuffleStrategy(CurateConfig().shuffle_strategy)  # as run_curation does
-    roots, rounds = connected_components(ds, DedupConfig(shuffle_partitions=2))
-    return {r["doc_id"]: r["dup_of"] for r in roots.take_all()}, rounds
+    roots, rounds, sizes = connected_components(ds, DedupConfig(shuffle_partitions=2))
+    return {r["doc_id"]: r["dup_of"] for r in roots.take_all()}, rounds, sizes
 
 
 def test_distributed_components_match_union_find_on_long_chains(ray_local):
@@ -138,9 +138,10 @@ def test_distributed_components_match_union_find_on_long_chains(ray_local):
     links = list(zip(paths, paths[1:])) + list(zip(cycle, cycle[1:] + cycle[:1])) + [tuple(pair)]
     pairs = [(max(a, b), min(a, b)) for a, b in links]
     rng.shuffle(pairs)
-    roots, rounds = _components(pairs)
+    roots, rounds, sizes = _components(pairs)
     assert roots == duplicate_roots(pairs)
     assert set(roots.values()) == {min(paths), min(cycle), min(pair)}
+    assert sizes == {2: 1, len(cycle): 1, len(paths): 1}
     assert rounds <= 4 * math.ceil(math.log2(len(paths)))  # logarithmic in the diameter, not linear
 
 
