@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from ray.data.expressions import col
 from datasketch import MinHash
+from ray.data.expressions import col
 
 from athanor.config import DedupConfig
 from athanor.layout import RunLayout
@@ -233,7 +233,7 @@ def fmix32(h: np.ndarray) -> np.ndarray:
 def _min_affine(mixed: np.ndarray, doc_offsets: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """sig[d, p] = min over document d's hashes h of (a[p] * h + b[p]) mod 2**32, fused: no shingles x perms matrix."""
     mask = np.uint64(0xFFFFFFFF)
-    sig = np.full((len(doc_offsets) - 1, len(a)), np.uint32(0xFFFFFFFF), dtype=np.uint32)
+    sig = np.full((len(doc_offsets) - 1, len(a)), MAX_HASH, dtype=np.uint32)
     for d in range(len(doc_offsets) - 1):
         row = sig[d]
         for i in range(doc_offsets[d], doc_offsets[d + 1]):
