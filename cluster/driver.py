@@ -112,6 +112,7 @@ class Driver:
         tracking.log_stage_stats(self.run_id, summary["stages"])
         tracking.log_artifacts(self.run_id, {"curation": self.layout.stats_dir,
                                              "quality": self.layout.quality_dir})
+        tracking.log_artifacts(self.run_id, {"report": self.layout.stats_dir / "report.html"})  # the HTML report
         self.report.curation = summary
         return summary
 

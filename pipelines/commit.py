@@ -5,7 +5,7 @@ prefix space), one Ray Data group per range. A group is sorted by doc_id and wri
 and `dropped/<stage>/part-i.parquet` (dropped rows) under a hidden temporary name and `os.replace`d, then
 `_shards/part-i.json` records its counts. The file bytes depend only on which rows fall in the range, never on Ray's
 block boundaries or task order, so a killed run that redoes the unmarked ranges writes what an unbroken run writes.
-After every range, `_SUCCESS.json` holds the stage's key (its config and upstream hash) and stats.
+Once every range is committed, `_SUCCESS.json` records the stage's key (config, inputs, upstream) and its stats.
 """
 
 from __future__ import annotations
