@@ -110,7 +110,8 @@ def _only_shards(batch: pa.Table, shards: int, todo: list[int]) -> pa.Table:
     return batch.filter(pa.array(np.isin(shard_of(batch["doc_id"], shards), todo)))
 
 
-def _commit_shard(group: pa.Table, stage: str, key: str, shards: int, out_dir: str, dropped_dir: str | None) -> pa.Table:
+def _commit_shard(group: pa.Table, stage: str, key: str, shards: int, out_dir: str,
+                  dropped_dir: str | None) -> pa.Table:
     shard = group[SHARD_COLUMN][0].as_py()
     rows = group.drop_columns([SHARD_COLUMN]).sort_by("doc_id")
     kept, name = kept_rows(rows), part_name(shard)
