@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,9 @@ class Driver:
 
         summary_path = self.layout.stats("curation")
         if not self._skip("curate"):
+            if self.force:  # curation resumes from its committed shards; forcing means starting from nothing
+                for folder in (self.layout.root / "curated", self.layout.quality_dir):
+                    shutil.rmtree(folder, ignore_errors=True)
             t0 = time.perf_counter()
             run_curation(self.cfg, self.layout)
             self.report.stages["curate"] = time.perf_counter() - t0

@@ -65,22 +65,22 @@ def _bind_twice(tmp_path, uri):
     layout = RunLayout.from_workdir(cfg.run.workdir)
     first = tracking.resolve_run(cfg, layout)
     tracking.log_stage_stats(first, [{"stage": "read", "in": 12, "kept": 9, "dropped": {"warc_revisit": 3}}])
-    changed = load_config("configs/smoke.yaml", overrides + ["train.max_steps=99"])
+    changed = load_config("configs/smoke.yaml", overrides + [f"train.max_steps={cfg.train.max_steps + 1}"])
     second = tracking.resolve_run(changed, layout)
     client = MlflowClient(tracking.tracking_uri(cfg, layout))
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`athanor.run_name` = 'bind-test'")
-    return first, second, runs, client
+    return first, second, runs, client, cfg.train.max_steps
 
 
 @pytest.mark.parametrize("store", ["sqlite-file", "server"])
 def test_run_is_found_again_not_duplicated(tmp_path, store, request):
     uri = request.getfixturevalue("mlflow_server") if store == "server" else None
-    first, second, runs, client = _bind_twice(tmp_path, uri)
+    first, second, runs, client, steps = _bind_twice(tmp_path, uri)
     assert first == second
     assert [r.info.run_id for r in runs] == [first]
     run = client.get_run(first)
-    assert run.data.params["train.max_steps"] == "40"  # params are immutable: the first value stays
-    assert run.data.tags["config_changed.train.max_steps"] == "99"  # and the change is recorded
+    assert run.data.params["train.max_steps"] == str(steps)  # params are immutable: the first value stays
+    assert run.data.tags["config_changed.train.max_steps"] == str(steps + 1)  # and the change is recorded
     assert run.data.metrics["curate.read.dropped.warc_revisit"] == 3
     assert (tmp_path / "mlflow_run_id").read_text().strip() == first
