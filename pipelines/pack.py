@@ -174,7 +174,9 @@ def in_doc_id_order(files: list[Path]) -> bool:
     return True
 
 
-def encode_in_order(files: list[Path], model_path: Path, seed: int, val_fraction: float, actors: int):
+def encode_in_order(
+    files: list[Path], model_path: Path, seed: int, val_fraction: float, actors: int
+) -> ray.data.Dataset:
     """The encoded documents of `files` (see EncodeDocuments.encode), as a Ray Dataset that iterates in (doc_id,
     text hash) order: file order when `in_doc_id_order(files)`, else a global sort."""
     pieces = [{"path": str(f), "row_group": g} for f in files for g in range(pq.read_metadata(f).num_row_groups)]
