@@ -12,6 +12,8 @@ import psutil
 import pytest
 from cli_runner import ROOT
 
+from athanor.config import load_config
+
 
 def _effective_steps(path):
     """step -> record; a step replayed after a failure appears twice and its last record is the one that counts."""
@@ -49,7 +51,7 @@ def test_sigkilled_worker_resumes_without_skipping_or_repeating_samples(smoke_ru
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     samples = work / "train_samples.jsonl"
-    checkpoint_every = 50
+    checkpoint_every = load_config("configs/smoke.yaml").train.checkpoint_every
     killed = None
     try:
         deadline = time.time() + 400
