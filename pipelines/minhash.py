@@ -168,7 +168,11 @@ def _sha1_one_block(buf, starts, ends, idx, out):
         w[:16, :] = 0
         for j in range(m):
             start, length = starts[idx[base + j]], ends[idx[base + j]] - starts[idx[base + j]]
-            for p in range(length):
+            for t in range(length >> 2):  # whole big-endian words, then the last bytes one by one
+                q = start + 4 * t
+                w[t, j] = ((np.uint32(buf[q]) << np.uint32(24)) | (np.uint32(buf[q + 1]) << np.uint32(16))
+                           | (np.uint32(buf[q + 2]) << np.uint32(8)) | np.uint32(buf[q + 3]))
+            for p in range(length & ~3, length):
                 w[p >> 2, j] |= np.uint32(buf[start + p]) << np.uint32(24 - 8 * (p & 3))
             w[length >> 2, j] |= np.uint32(0x80) << np.uint32(24 - 8 * (length & 3))
             w[15, j] = np.uint32(8 * length)
