@@ -9,13 +9,7 @@ from athanor.model import attention
 from athanor.model.attention import causal_attention, check_backend
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes gain nothing from intra-op threads, and on a busy 2-core runner OpenMP spin-waits make them crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _qkv(b=2, tq=12, tk=12, h=4, hkv=2, d=16, device="cpu", dtype=torch.float32, seed=0):
