@@ -1,7 +1,8 @@
 """Language identification with fastText lid.176: signal columns `lang`, `lang_score`.
 
 A class UDF so each Ray actor loads the model once, not once per batch. Drops: `lang_not_allowed` (top language is
-not in `languages`), `lang_low_score` (allowed language, but below `min_score`).
+not in `languages`), `lang_low_score` (allowed language, but below its `min_score_per_language` entry, or
+`min_score` when it has none: lid.176 is less sure of some languages than others at the same text quality).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from athanor.config import LangIdConfig
 from athanor.pipelines.stats import mark
 
 LABEL_PREFIX = "__label__"
+DROP_REASONS = ("lang_not_allowed", "lang_low_score")
 
 
 def one_line(text: str) -> str:
@@ -31,6 +33,10 @@ class LanguageIdentifier:
         self.model = fasttext.load_model(str(path))
         self.languages = set(cfg.languages)
         self.min_score = cfg.min_score
+        self.min_score_per_language = cfg.min_score_per_language
+
+    def too_unsure(self, lang: str, score: float) -> bool:
+        return score < self.min_score_per_language.get(lang, self.min_score)
 
     def predict(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
         labels, scores = self.model.predict([one_line(t) for t in texts], k=1)
@@ -40,7 +46,8 @@ class LanguageIdentifier:
     def __call__(self, batch: pa.Table) -> pa.Table:
         langs, scores = self.predict(batch["text"].to_pylist())
         reasons = [
-            "lang_not_allowed" if lang not in self.languages else "lang_low_score" if score < self.min_score else None
+            "lang_not_allowed" if lang not in self.languages else "lang_low_score" if self.too_unsure(lang, score)
+            else None
             for lang, score in zip(langs, scores)
         ]
         out = batch.append_column("lang", pa.array(langs, type=pa.string()))

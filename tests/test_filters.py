@@ -67,6 +67,30 @@ def test_langid_keeps_english_pages_and_names_other_languages(data_dir, texts):
     assert set(strict(pa.table({"text": texts}))["drop_reason"].to_pylist()) <= {"lang_low_score"}
 
 
+def test_langid_minimum_score_per_language_falls_back_to_min_score(data_dir, texts):
+    """English held to the median English score, French to nothing, then French alone to a perfect score."""
+    model = str(data_dir / "models" / "lid.176.ftz")
+    french = ("Le gouvernement a annoncé mardi une série de mesures pour soutenir les agriculteurs "
+              "touchés par la sécheresse.")
+    batch = pa.table({"text": texts + [french]})
+    plain = LanguageIdentifier(LangIdConfig(model_path=model))(batch)
+    en_scores = sorted(s for s, lang in zip(plain["lang_score"].to_pylist(), plain["lang"].to_pylist()) if lang == "en")
+    median = en_scores[len(en_scores) // 2]
+    assert en_scores[0] < median  # some English pages fall below it
+    lid = LanguageIdentifier(LangIdConfig(model_path=model, languages=["en", "fr"], min_score=0.0,
+                                          min_score_per_language={"en": median}))
+    out = lid(batch)
+    for lang, score, reason in zip(out["lang"].to_pylist(), out["lang_score"].to_pylist(),
+                                   out["drop_reason"].to_pylist()):
+        if lang == "en":
+            assert reason == ("lang_low_score" if score < median else None)
+    assert out["lang"][-1].as_py() == "fr" and out["drop_reason"][-1].as_py() is None  # falls back to min_score 0
+    strict_fr = LanguageIdentifier(LangIdConfig(model_path=model, languages=["en", "fr"], min_score=0.0,
+                                                min_score_per_language={"fr": 1.0}))
+    reasons = strict_fr(batch)["drop_reason"].to_pylist()
+    assert reasons[-1] == "lang_low_score" and "lang_low_score" not in reasons[:-1]
+
+
 def test_langid_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_path"):
         LanguageIdentifier(LangIdConfig(model_path=str(tmp_path / "nope.ftz")))
