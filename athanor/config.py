@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -52,6 +52,8 @@ class LangIdConfig(_Section):
     model_path: str = "data/models/lid.176.ftz"
     languages: list[str] = Field(default_factory=lambda: ["en"])
     min_score: float = Field(0.65, ge=0.0, le=1.0)
+    # A language's own minimum top score, e.g. {de: 0.8}; languages not listed use min_score.
+    min_score_per_language: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(default_factory=dict)
 
 
 class HeuristicsConfig(_Section):
