@@ -1,10 +1,13 @@
-"""The curation DAG: read -> extract -> langid -> heuristics -> exact_dedup -> near_dedup -> quality -> final.
+"""The curation DAG: read -> filter -> exact_dedup -> near_dedup -> quality -> final.
 
-Each stage marks rows (see stats.py); the driver then counts reasons and commits the stage (see commit.py): its kept
-rows to curated/<stage>/, its dropped rows (with `drop_reason` and `stage`) to curated/dropped/<stage>/, both as
-doc_id-range shards sorted by doc_id, then its stats JSON and a completion marker, and hands the kept rows on. The
-survivors of the last stage are committed the same way into curated/final/. A re-run skips committed stages and
-ranges and writes the same bytes an uninterrupted run writes; stats/report.html shows the result.
+`filter` is the row-wise stages extract -> url_filter -> langid -> heuristics -> c4 -> fineweb -> pii fused into
+one Ray Data map (see filters.py); each of them still gets its own stats/<stage>.json and funnel row. Each Ray stage
+marks rows (see stats.py); the driver then counts reasons and commits the stage (see commit.py): its kept rows to
+curated/<stage>/, its dropped rows (with `drop_reason`, and `stage` naming the Ray stage) to
+curated/dropped/<stage>/, both as doc_id-range shards sorted by doc_id, then its stats JSON and a completion
+marker, and hands the kept rows on. The survivors of the last stage are committed the same way into
+curated/final/. A re-run skips committed stages and ranges and writes the same bytes an uninterrupted run writes;
+stats/report.html shows the result.
 """
 
 from __future__ import annotations
@@ -19,29 +22,24 @@ import pyarrow as pa
 import ray
 from ray.data.context import ShuffleStrategy
 
+from athanor import storage
 from athanor.config import AthanorConfig
 from athanor.layout import RunLayout
-from athanor.pipelines.c4 import c4_batch
 from athanor.pipelines.commit import (clear_stale, commit_shards, commit_stage, committed_files, finished_shards,
                                       num_shards, only_unfinished, shard_counts, stage_marker)
 from athanor.pipelines.dedup import mark_exact_duplicates
-from athanor.pipelines.extract import extract_batch
-from athanor.pipelines.fineweb import fineweb_batch
-from athanor.pipelines.heuristics import heuristics_batch
-from athanor.pipelines.langid import LanguageIdentifier
+from athanor.pipelines.filters import FilterChain, row_stages, split_stats
 from athanor.pipelines.minhash import mark_near_duplicates_stage
-from athanor.pipelines.pii import pii_batch
 from athanor.pipelines.quality import QualityScorer, model_is_current, model_path, train_quality_classifier
 from athanor.pipelines.read import list_files, list_html_files, read_crawl
 from athanor.pipelines.report import write_report
 from athanor.pipelines.stats import kept_rows, mark, reason_counts, stage_stats, write_json
-from athanor.pipelines.urlfilter import UrlFilter
 
 Stage = Callable[[ray.data.Dataset | None], ray.data.Dataset]
 FINAL = "final"
+FILTER = "filter"
 # Stages that turn each row into one row with the same doc_id: resumed, they read only their unfinished ranges.
-PER_DOCUMENT_STAGES = frozenset({"url_filter", "extract", "langid", "heuristics", "c4", "fineweb", "pii", "quality",
-                                 FINAL})
+PER_DOCUMENT_STAGES = frozenset({FILTER, "quality", FINAL})
 
 
 def one_actor() -> ray.data.ActorPoolStrategy:
@@ -56,33 +54,24 @@ def read_stage(cfg: AthanorConfig) -> ray.data.Dataset:
     return ds
 
 
+def filter_actors(cfg: AthanorConfig) -> int:
+    """`curate.filter_actors`, else one per CPU of the cluster (each actor keeps one CPU busy)."""
+    return cfg.curate.filter_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def filter_stage(cfg: AthanorConfig) -> Stage:
+    return lambda ds: ds.map_batches(FilterChain, fn_constructor_args=(cfg.curate,), batch_format="pyarrow",
+                                     compute=ray.data.ActorPoolStrategy(size=filter_actors(cfg)))
+
+
 def curation_stages(cfg: AthanorConfig, layout: RunLayout) -> list[tuple[str, Stage]]:
     """Near FineWeb's order: the URL block list, language ID, Gopher's rules, C4's line cleaning (which rewrites
-    `text`), then FineWeb's rules, which read the cleaned lines. PII masking runs last before dedup: pages that
-    differ only in an address dedup as one, and nothing downstream (dedup, quality model, tokenizer) sees an
-    address. (FineWeb checks URLs before extracting; here extraction stays the second stage, where the stage
-    list's consumers expect it, and blocked pages cost one extraction each.)"""
+    `text`), then FineWeb's rules, which read the cleaned lines (all fused into `filter`). PII masking runs last
+    before dedup: pages that differ only in an address dedup as one, and nothing downstream (dedup, quality model,
+    tokenizer) sees an address. (FineWeb checks URLs before extracting; here extraction comes first, and blocked
+    pages cost one extraction each.)"""
     c = cfg.curate
-
-    def udf(fn: Callable, section) -> Stage:
-        return lambda ds: ds.map_batches(fn, fn_kwargs={"cfg": section}, batch_format="pyarrow")
-
-    stages: list[tuple[str, Stage]] = [
-        ("read", lambda _: read_stage(cfg)),
-        ("extract", udf(extract_batch, c.extract)),
-    ]
-    if c.url_filter.enabled:
-        stages.append(("url_filter", lambda ds: ds.map_batches(
-            UrlFilter, fn_constructor_args=(c.url_filter,), batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=c.url_filter.actors))))
-    stages += [
-        ("langid", lambda ds: ds.map_batches(LanguageIdentifier, fn_constructor_args=(c.langid,),
-                                             batch_format="pyarrow", compute=one_actor())),
-        ("heuristics", udf(heuristics_batch, c.heuristics)),
-    ]
-    stages += [(name, udf(fn, section)) for name, fn, section in
-               (("c4", c4_batch, c.c4), ("fineweb", fineweb_batch, c.fineweb), ("pii", pii_batch, c.pii))
-               if section.enabled]
+    stages: list[tuple[str, Stage]] = [("read", lambda _: read_stage(cfg)), (FILTER, filter_stage(cfg))]
     if c.dedup.exact:
         stages.append(("exact_dedup", lambda ds: mark_exact_duplicates(ds, c.dedup.shuffle_partitions)))
     if c.dedup.minhash:
@@ -94,6 +83,15 @@ def curation_stages(cfg: AthanorConfig, layout: RunLayout) -> list[tuple[str, St
     return stages
 
 
+def reported_stages(name: str, cfg: AthanorConfig) -> tuple[str, ...]:
+    """The stages a Ray stage reports stats for: the fused row-wise stages for `filter`, else itself."""
+    return row_stages(cfg.curate) if name == FILTER else (name,)
+
+
+def _stats(name: str, counts: Counter, cfg: AthanorConfig) -> list[dict]:
+    return split_stats(reported_stages(name, cfg), counts, cfg.curate)
+
+
 def _run_key(cfg: AthanorConfig, layout: RunLayout) -> str:
     """What every stage's output depends on: the data and curate config, the input files (names and sizes: a new
     or grown input must not reuse committed stages) and, when scoring, the quality model."""
@@ -102,7 +100,7 @@ def _run_key(cfg: AthanorConfig, layout: RunLayout) -> str:
                                      for f in list_files(getattr(d, field), d, field))]
     digest = hashlib.sha256(f"{cfg.section_hash('data', 'curate')} {inputs}".encode())
     if cfg.curate.quality.enabled:
-        digest.update(model_path(layout).read_bytes())
+        digest.update(storage.read_bytes(model_path(layout)))
     return digest.hexdigest()[:16]
 
 
@@ -113,7 +111,7 @@ def _stage_key(upstream: str, name: str) -> str:
 
 def _committed(cfg: AthanorConfig, layout: RunLayout, stage: str) -> ray.data.Dataset:
     """A committed stage's kept rows, read back for the next stage on curation's shuffle strategy (as read_stage)."""
-    ds = ray.data.read_parquet(committed_files(layout.curated(stage)))
+    ds = storage.read_parquet(committed_files(layout.curated(stage)))
     ds.context.shuffle_strategy = ShuffleStrategy(cfg.curate.shuffle_strategy)
     return ds
 

@@ -16,7 +16,6 @@ credentials taken from the AWS_* environment variables only (forwarded from the 
 from __future__ import annotations
 
 import fnmatch
-import functools
 import glob
 import hashlib
 import io
@@ -32,6 +31,7 @@ from fastwarc.warc import ArchiveIterator, WarcRecordType
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from athanor import storage
 from athanor.config import DataConfig
 
 SCHEMA = pa.schema(
@@ -53,7 +53,6 @@ HTML_FILES_PER_TASK = 32
 HTML_SUFFIXES = (".html", ".htm")
 HTML_CONTENT_TYPES = ("text/html", "application/xhtml+xml")
 SKIP_CHUNK = 2**20  # a dropped WARC payload or the rest of an over-long JSONL line is read through this much at a time
-AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 def doc_id_for(source: str, offset: int, record_id: str | None = None) -> str:
@@ -68,27 +67,9 @@ def _row(source: str, offset: int, url: str | None = None, html: bytes | None = 
             "html": html, "text": text, "drop_reason": reason}
 
 
-@functools.lru_cache(maxsize=4)
-def _s3(endpoint: str | None) -> pafs.S3FileSystem:
-    env = os.environ
-    kwargs = {"endpoint_override": endpoint} if endpoint else {}
-    if region := env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):
-        kwargs["region"] = region
-    if "AWS_ACCESS_KEY_ID" in env:
-        kwargs.update(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env.get("AWS_SECRET_ACCESS_KEY"),
-                      session_token=env.get("AWS_SESSION_TOKEN"))
-    else:
-        kwargs["anonymous"] = True  # public buckets; never the SDK's credential files
-    return pafs.S3FileSystem(**kwargs)
-
-
 def filesystem_for(uri: str, data: DataConfig) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or an s3:// URI."""
-    if uri.startswith("s3://"):
-        return _s3(data.s3_endpoint_override or os.environ.get("AWS_ENDPOINT_URL")), uri.removeprefix("s3://")
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
+    """(filesystem, path inside it) for a local path or an s3:// URI (see athanor.storage)."""
+    return storage.filesystem(uri, data.s3_endpoint_override)
 
 
 def html_file_rows(uri: str, data: DataConfig = DataConfig()) -> Iterator[dict]:
@@ -317,6 +298,6 @@ def read_crawl(data: DataConfig) -> ray.data.Dataset:
     if not any(inputs):
         raise ValueError("no input: set data.html_dirs, data.warc_files, data.jsonl_files and/or data.parquet_files")
     uses_s3 = any(uri.startswith("s3://") for uris in inputs for uri in uris)
-    aws_env = {k: os.environ[k] for k in AWS_ENV if k in os.environ} if uses_s3 else {}
+    aws_env = storage.ray_env() if uses_s3 else {}
     runtime_env = {"env_vars": aws_env} if aws_env else None  # read tasks may run where the driver's env is not
     return ray.data.read_datasource(CrawlDatasource(data), runtime_env=runtime_env)

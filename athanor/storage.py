@@ -1,0 +1,281 @@
+"""Where a run's files live: a local (or shared NFS) folder, or an object store (`s3://`, `gs://`), over pyarrow.fs.
+
+A location is a `pathlib.Path` for local folders (everything local behaves exactly as plain files) or a `Uri` (a str
+that joins with `/` like a Path) for object stores, so layout code reads the same either way. Writes are whole or
+absent: locally a hidden temporary name is renamed into place; an object store PUT is atomic by itself. Markers are
+written after the data they vouch for, on both.
+
+`s3://` goes to `data.s3_endpoint_override` or $AWS_ENDPOINT_URL (the driver exports the former as the latter, and
+Ray forwards it to every task), with credentials from the AWS_* environment variables only, never the SDK's files.
+`gs://` uses pyarrow's GcsFileSystem and its default credentials. Tools that need a real local file (fastText,
+memory-mapped token shards, a checkpoint to load) read a copy in the node-local cache: $ATHANOR_CACHE_DIR, else
+~/.cache/athanor, laid out as `<cache>/<scheme>/<bucket>/<key>`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
+           "AWS_ENDPOINT_URL")
+SCHEMES = ("s3", "gs")
+
+
+class Uri(str):
+    """An object-store location (`s3://bucket/key`); `/` appends a key part, as Path's `/` does."""
+
+    def __truediv__(self, part: str) -> "Uri":
+        return Uri(f"{self.rstrip('/')}/{part}")
+
+    @property
+    def name(self) -> str:
+        return self.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> "Uri":
+        return Uri(self.rstrip("/").rsplit("/", 1)[0])
+
+    @property
+    def scheme(self) -> str:
+        return self.split("://", 1)[0]
+
+
+Location = Path | Uri
+
+
+def is_uri(where: str | Path) -> bool:
+    return "://" in str(where)
+
+
+def location(where: str | Path) -> Location:
+    """A Uri for `scheme://...` (s3 and gs only), else the absolute local Path."""
+    if isinstance(where, Path) or not is_uri(where):
+        return Path(where).expanduser().resolve()
+    scheme = where.split("://", 1)[0]
+    if scheme not in SCHEMES:
+        raise ValueError(f"unsupported storage URI {where!r}: use a local path, s3://bucket/prefix or gs://bucket/prefix")
+    return Uri(where.rstrip("/"))
+
+
+@functools.lru_cache(maxsize=4)
+def s3_filesystem(endpoint: str | None) -> pafs.S3FileSystem:
+    """S3 (or an S3-compatible server at `endpoint`), credentials from the AWS_* environment only."""
+    env = os.environ
+    kwargs = {"endpoint_override": endpoint} if endpoint else {}
+    if region := env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):
+        kwargs["region"] = region
+    if "AWS_ACCESS_KEY_ID" in env:
+        kwargs.update(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env.get("AWS_SECRET_ACCESS_KEY"),
+                      session_token=env.get("AWS_SESSION_TOKEN"))
+    else:
+        kwargs["anonymous"] = True  # public buckets; never the SDK's credential files
+    return pafs.S3FileSystem(**kwargs)
+
+
+@functools.lru_cache(maxsize=1)
+def _gcs() -> pafs.FileSystem:
+    if not hasattr(pafs, "GcsFileSystem"):
+        raise RuntimeError("gs:// needs a pyarrow built with GCS support (pyarrow.fs.GcsFileSystem)")
+    return pafs.GcsFileSystem()
+
+
+def filesystem(where: str | Path, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it); an s3:// endpoint defaults to $AWS_ENDPOINT_URL."""
+    s = str(where)
+    if s.startswith("s3://"):
+        return s3_filesystem(endpoint or os.environ.get("AWS_ENDPOINT_URL")), s.removeprefix("s3://")
+    if s.startswith("gs://"):
+        return _gcs(), s.removeprefix("gs://")
+    if is_uri(s):
+        return pafs.FileSystem.from_uri(s)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(s))
+
+
+def use_endpoint(endpoint: str | None) -> None:
+    """Make `endpoint` the S3 endpoint of this process and (through `ray_env`) of every Ray task it starts."""
+    if endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+
+
+def ray_env() -> dict[str, str]:
+    """The AWS_* variables to forward to Ray workers, which may run on nodes where the driver's env is not."""
+    return {k: os.environ[k] for k in AWS_ENV if k in os.environ}
+
+
+def _info(where: Location) -> pafs.FileInfo:
+    fs, path = filesystem(where)
+    return fs.get_file_info(path)
+
+
+def exists(where: Location) -> bool:
+    return _info(where).type != pafs.FileType.NotFound
+
+
+def is_file(where: Location) -> bool:
+    return _info(where).type == pafs.FileType.File
+
+
+def size(where: Location) -> int:
+    info = _info(where)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"no such file: {where}")
+    return info.size
+
+
+def open_input(where: Location):
+    """A random-access file (pq.ParquetFile, pq.read_table and pa.ipc read it as they read a local path)."""
+    fs, path = filesystem(where)
+    return fs.open_input_file(path)
+
+
+def read_bytes(where: Location) -> bytes:
+    if isinstance(where, Path):
+        return where.read_bytes()
+    with open_input(where) as f:
+        return f.read()
+
+
+def read_text(where: Location) -> str:
+    return read_bytes(where).decode("utf-8")
+
+
+def read_json(where: Location) -> dict | None:
+    """The parsed file, or None when it does not exist."""
+    try:
+        return json.loads(read_bytes(where))
+    except FileNotFoundError:
+        return None
+
+
+def write_bytes(where: Location, data: bytes) -> None:
+    """Whole or absent: locally a hidden temporary name (readers skip '.' files) renamed into place; one PUT on an
+    object store."""
+    if isinstance(where, Path):
+        where.parent.mkdir(parents=True, exist_ok=True)
+        tmp = where.with_name(f".{where.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, where)
+        return
+    fs, path = filesystem(where)
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+
+
+def write_text(where: Location, text: str) -> None:
+    write_bytes(where, text.encode("utf-8"))
+
+
+def makedirs(where: Location) -> None:
+    """A local folder; nothing on an object store (keys need no parent)."""
+    if isinstance(where, Path):
+        where.mkdir(parents=True, exist_ok=True)
+
+
+def glob(folder: Location, pattern: str, recursive: bool = False) -> list[Location]:
+    """Files under `folder` whose name matches `pattern` (directly in it, or at any depth), sorted."""
+    if isinstance(folder, Path):
+        found = folder.rglob(pattern) if recursive else folder.glob(pattern)
+        return sorted(p for p in found if p.is_file())
+    fs, path = filesystem(folder)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
+    scheme = folder.scheme
+    return sorted(Uri(f"{scheme}://{i.path}") for i in infos
+                  if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.base_name, pattern))
+
+
+def read_parquet(files: list[str | Location]):
+    """A Ray Dataset over local or object-store Parquet files (the filesystem travels with the read tasks)."""
+    import ray
+
+    fs, _ = filesystem(files[0])
+    return ray.data.read_parquet([filesystem(f)[1] for f in files], filesystem=fs)
+
+
+def delete(where: Location) -> None:
+    """Remove a file if it is there."""
+    if isinstance(where, Path):
+        where.unlink(missing_ok=True)
+    elif is_file(where):
+        fs, path = filesystem(where)
+        fs.delete_file(path)
+
+
+def delete_tree(folder: Location) -> None:
+    """Remove a folder (every key under the prefix) if it is there."""
+    if isinstance(folder, Path):
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    fs, path = filesystem(folder)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def upload(local: Path, where: Location) -> None:
+    """Put a local file at `where` (a copy renamed into place when `where` is local too)."""
+    if isinstance(where, Path):
+        if Path(local).resolve() != where:
+            where.parent.mkdir(parents=True, exist_ok=True)
+            tmp = where.with_name(f".{where.name}.tmp")
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, where)
+        return
+    fs, path = filesystem(where)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ATHANOR_CACHE_DIR") or Path.home() / ".cache" / "athanor").expanduser()
+
+
+def cached(where: Location) -> Path:
+    """The node-local path that mirrors `where` (the path itself when it is already local)."""
+    if isinstance(where, Path):
+        return where
+    return cache_dir() / where.scheme / where.split("://", 1)[1]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch(where: Location, sha256: str | None = None) -> Path:
+    """A local copy of a file: the file itself when local, else its cache copy, downloaded unless the copy already
+    has `sha256`. The download lands under a name unique to this process, then is renamed into place, so workers on
+    one node can fetch the same file at once. The caller checks the sha256 of what came down."""
+    if isinstance(where, Path):
+        return where
+    local = cached(where)
+    if sha256 is not None and local.is_file() and file_sha256(local) == sha256:
+        return local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
+    fs, path = filesystem(where)
+    try:
+        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {where}") from None
+    os.replace(tmp, local)
+    return local
+
+
+def fetch_tree(folder: Location) -> Path:
+    """A local copy of a whole folder (the folder itself when local), refreshed from the object store."""
+    if isinstance(folder, Path):
+        return folder
+    shutil.rmtree(cached(folder), ignore_errors=True)  # no file left from an older copy
+    for f in glob(folder, "*", recursive=True):
+        fetch(f)
+    return cached(folder)
