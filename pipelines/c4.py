@@ -20,6 +20,7 @@ CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
 END_PUNCTUATION = (".", "?", "!", '"', "'")
 ELLIPSIS = "..."
 POLICY_PHRASES = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+DROP_REASONS = ("lorem_ipsum", "curly_bracket", "too_few_sentences")
 SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
 
 

@@ -89,7 +89,9 @@ def reported_stages(name: str, cfg: AthanorConfig) -> tuple[str, ...]:
 
 
 def _stats(name: str, counts: Counter, cfg: AthanorConfig) -> list[dict]:
-    return split_stats(reported_stages(name, cfg), counts, cfg.curate)
+    if name == FILTER:
+        return split_stats(reported_stages(name, cfg), counts, cfg.curate)
+    return [stage_stats(name, counts)]
 
 
 def _run_key(cfg: AthanorConfig, layout: RunLayout) -> str:
@@ -126,20 +128,21 @@ def _final_stage(ds: ray.data.Dataset) -> ray.data.Dataset:
 
 
 def _commit(marked: ray.data.Dataset | None, name: str, key: str, upstream: str, shards: int,
-            finished: dict[int, dict], stats: dict, layout: RunLayout, write_dropped: bool) -> None:
-    """Unfinished ranges first, then the stats JSON, then the completion marker: a marker implies all the rest."""
+            finished: dict[int, dict], stats: list[dict], layout: RunLayout, write_dropped: bool) -> None:
+    """Unfinished ranges first, then the stats JSONs, then the completion marker: a marker implies all the rest."""
     dropped_dir = layout.dropped / name if write_dropped and name != FINAL else None
     commit_shards(marked, name, key, shards, finished, layout.curated(name), dropped_dir)
     if name != FINAL:
-        write_json(layout.stats(name), stats)
+        for s in stats:
+            write_json(layout.stats(s["stage"]), s)
     commit_stage(layout.curated(name), key, upstream, shards, stats)
 
 
 def run_stage(name: str, stage: Stage, ds: ray.data.Dataset | None, docs_in: int | None, key: str, upstream: str,
               cfg: AthanorConfig, layout: RunLayout, writer: ThreadPoolExecutor
-              ) -> tuple[ray.data.Dataset | None, dict, Future]:
+              ) -> tuple[ray.data.Dataset | None, list[dict], Future]:
     """Run one stage and hand its commit to `writer`; returns (kept rows, or None when the next stage must read them
-    back from disk; stats; the pending commit). `in == kept + sum(dropped)` by construction.
+    back from disk; stats of each reported stage; the pending commit). `in == kept + sum(dropped)` by construction.
 
     Ranges an earlier run committed under the same key are not written again, and a per-document stage does not
     recompute them either. Commits run on writer threads while the next stage computes: on a small cluster the
@@ -148,7 +151,7 @@ def run_stage(name: str, stage: Stage, ds: ray.data.Dataset | None, docs_in: int
     clear_stale(layout.curated(name), layout.dropped / name, key)
     finished = finished_shards(layout.curated(name), key)
     if finished and len(finished) == next(iter(finished.values()))["shards"]:  # killed before its stage marker
-        stats = stage_stats(name, shard_counts(list(finished.values())))
+        stats = _stats(name, shard_counts(list(finished.values())), cfg)
         shards = len(finished)
         return None, stats, writer.submit(_commit, None, name, key, upstream, shards, finished, stats, layout,
                                           cfg.curate.write_dropped)
@@ -160,7 +163,7 @@ def run_stage(name: str, stage: Stage, ds: ray.data.Dataset | None, docs_in: int
     marked = None if empty else stage(ds).materialize()
     counts = Counter() if marked is None else reason_counts(marked)
     shards = num_shards(sum(counts.values()) if docs_in is None else docs_in, cfg.curate.docs_per_shard)
-    stats = stage_stats(name, counts + shard_counts(list(finished.values())) if resume else counts)
+    stats = _stats(name, counts + shard_counts(list(finished.values())) if resume else counts, cfg)
     todo = None if marked is None else only_unfinished(marked, shards, finished)
     commit = writer.submit(_commit, todo, name, key, upstream, shards, finished, stats, layout,
                            cfg.curate.write_dropped)
@@ -186,7 +189,8 @@ def run_curation(cfg: AthanorConfig, layout: RunLayout) -> dict:
             if done is not None:
                 ds, stats = None, done["stats"]
                 if name != FINAL:
-                    write_json(layout.stats(name), stats)
+                    for s in stats:
+                        write_json(layout.stats(s["stage"]), s)
             else:
                 if ds is None and docs_in:  # the previous stage's rows are on disk, not in memory
                     for commit in commits:
@@ -195,8 +199,8 @@ def run_curation(cfg: AthanorConfig, layout: RunLayout) -> dict:
                 ds, stats, commit = run_stage(name, stage, ds, docs_in, key, upstream, cfg, layout, writer)
                 commits.append(commit)
             if name != FINAL:
-                per_stage.append(stats)
-            docs_in, previous, upstream = stats["kept"], name, key
+                per_stage += stats
+            docs_in, previous, upstream = stats[-1]["kept"], name, key
             seconds[name] = round(time.perf_counter() - start, 3)
 
         start = time.perf_counter()

@@ -20,6 +20,7 @@ from athanor.config import ExtractConfig
 from athanor.pipelines.stats import mark
 
 BINARY_SNIFF_BYTES = 4096
+DROP_REASONS = ("binary_content", "undecodable", "html_parse_error", "empty_text")
 
 
 def _main_text(html: str, cfg: ExtractConfig) -> str:

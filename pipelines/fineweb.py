@@ -15,6 +15,7 @@ from athanor.pipelines.stats import mark
 
 # Sentence terminals of the major scripts (Latin, CJK, Devanagari, Arabic, Urdu) and the doubled forms.
 TERMINAL_PUNCTUATION = tuple(".!?\u3002\uff01\uff1f\u0964\u061f\u06d4\u203c\u203d\u2047\u2048\u2049")
+DROP_REASONS = ("line_punctuation", "short_lines", "duplicate_chars", "list_like")
 SIGNALS = ("fineweb_line_punctuation", "fineweb_short_lines", "fineweb_duplicate_chars", "fineweb_newlines_per_word")
 
 

@@ -139,6 +139,14 @@ def gopher_signals(text: str, cfg: HeuristicsConfig | None = None) -> dict[str, 
     return quality | repetition_signals(text, cfg)
 
 
+def drop_reasons(cfg: HeuristicsConfig) -> tuple[str, ...]:
+    """Every reason gopher_reason can give under `cfg`, in its order (the n-gram ones depend on the config)."""
+    return ("too_few_words", "too_many_words", "mean_word_length", "symbol_word_ratio", "bullet_lines",
+            "ellipsis_lines", "alpha_words", "stop_words", "duplicate_paragraphs", "duplicate_paragraph_chars",
+            "duplicate_lines", "duplicate_line_chars", *(f"top_{n}gram" for n in cfg.max_top_ngram_char_fraction),
+            *(f"duplicate_{n}gram" for n in cfg.max_duplicate_ngram_char_fraction))
+
+
 def gopher_reason(s: dict[str, float], cfg: HeuristicsConfig) -> str | None:
     if s["word_count"] < cfg.min_words:
         return "too_few_words"

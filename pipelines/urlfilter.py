@@ -21,6 +21,7 @@ from athanor.config import UrlFilterConfig
 from athanor.pipelines.stats import mark
 
 NON_ALNUM = re.compile(r"[^a-z0-9]+")
+DROP_REASONS = ("url_blocked",)
 
 
 FNV_OFFSET, FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)

@@ -14,7 +14,7 @@ import pytest
 from athanor.config import load_config
 from athanor.layout import RunLayout
 from athanor.pipelines.commit import SHARD_MARKERS, STAGE_MARKER
-from athanor.pipelines.curate import FINAL, curation_stages, run_curation
+from athanor.pipelines.curate import FILTER, FINAL, curation_stages, reported_stages, run_curation
 
 pytestmark = pytest.mark.slow  # one full curation run (quality training + every Ray stage) shared by the module
 
@@ -60,7 +60,11 @@ def _digests(layout: RunLayout) -> dict[str, str]:
 
 def test_every_stage_conserves_documents(curated):
     cfg, layout, summary = curated
-    assert [s["stage"] for s in summary["stages"]] == [name for name, _ in curation_stages(cfg, layout)]
+    ray_stages = [name for name, _ in curation_stages(cfg, layout)]
+    assert FILTER in ray_stages and "extract" not in ray_stages  # the row-wise stages run fused
+    assert [s["stage"] for s in summary["stages"]] == [s for name in ray_stages for s in reported_stages(name, cfg)]
+    assert [s["stage"] for s in summary["stages"]][1:8] == ["extract", "url_filter", "langid", "heuristics", "c4",
+                                                           "fineweb", "pii"]
     previous_kept = None
     for stats in summary["stages"]:
         assert stats["in"] == stats["kept"] + sum(stats["dropped"].values())
@@ -70,7 +74,7 @@ def test_every_stage_conserves_documents(curated):
         assert json.loads(layout.stats(stats["stage"]).read_text()) == stats
     assert summary["in"] == summary["kept"] + sum(summary["dropped"].values())
     assert json.loads(layout.stats("curation").read_text()) == {k: v for k, v in summary.items() if k != "seconds"}
-    assert set(json.loads(layout.stats("timings").read_text())) == {s["stage"] for s in summary["stages"]} | {FINAL}
+    assert set(json.loads(layout.stats("timings").read_text())) == set(ray_stages) | {FINAL}
 
 
 def test_bad_inputs_are_named_drops_and_quarantine_entries(curated):
@@ -82,16 +86,25 @@ def test_bad_inputs_are_named_drops_and_quarantine_entries(curated):
 
 
 def test_kept_and_dropped_rows_are_written_per_stage(curated):
+    """One folder per Ray stage; the fused filter stage's folders hold what its seven stages kept and dropped."""
     cfg, layout, summary = curated
-    for stats in summary["stages"]:
-        if stats["kept"]:
-            assert pq.read_table(layout.curated(stats["stage"])).num_rows == stats["kept"]
-        if stats["dropped"]:
-            dropped = pq.read_table(layout.dropped / stats["stage"], columns=["doc_id", "drop_reason", "stage"])
-            assert set(dropped["stage"].to_pylist()) == {stats["stage"]}
-            assert {r: dropped["drop_reason"].to_pylist().count(r) for r in stats["dropped"]} == stats["dropped"]
-    extracted = pq.read_table(layout.curated("extract"), columns=["source", "text"]).to_pylist()
-    (cp1252,) = [r["text"] for r in extracted if r["source"].endswith("cp1252.html")]
+    by_name = {s["stage"]: s for s in summary["stages"]}
+    for name, _ in curation_stages(cfg, layout):
+        parts = [by_name[s] for s in reported_stages(name, cfg)]
+        kept, dropped_counts = parts[-1]["kept"], {r: n for s in parts for r, n in s["dropped"].items()}
+        if kept:
+            assert pq.read_table(layout.curated(name)).num_rows == kept
+        if dropped_counts:
+            dropped = pq.read_table(layout.dropped / name, columns=["doc_id", "drop_reason", "stage"])
+            assert set(dropped["stage"].to_pylist()) == {name}
+            assert {r: dropped["drop_reason"].to_pylist().count(r) for r in dropped_counts} == dropped_counts
+    filtered = pq.read_table(layout.curated(FILTER), columns=["source", "text", "lang", "word_count", "pii_ips"])
+    assert filtered.num_rows and None not in filtered["pii_ips"].to_pylist()  # kept rows passed every filter
+    blank = pq.read_table(layout.dropped / FILTER, columns=["drop_reason", "lang", "word_count"]).to_pylist()
+    assert all(r["lang"] is None for r in blank if r["drop_reason"] == "binary_content")  # no later signals
+    assert all(r["lang"] and r["word_count"] is None for r in blank if r["drop_reason"] == "lang_low_score")
+    rows = [*filtered.to_pylist(), *pq.read_table(layout.dropped / FILTER, columns=["source", "text"]).to_pylist()]
+    (cp1252,) = [r["text"] for r in rows if r["source"].endswith("cp1252.html")]
     assert "\u2019" in cp1252 or "\u201c" in cp1252  # decoded by detection, not mangled as UTF-8
 
 
