@@ -33,7 +33,7 @@ SCHEMES = ("s3", "gs")
 class Uri(str):
     """An object-store location (`s3://bucket/key`); `/` appends a key part, as Path's `/` does."""
 
-    def __truediv__(self, part: str) -> "Uri":
+    def __truediv__(self, part: str) -> Uri:
         return Uri(f"{self.rstrip('/')}/{part}")
 
     @property
@@ -41,7 +41,7 @@ class Uri(str):
         return self.rstrip("/").rsplit("/", 1)[-1]
 
     @property
-    def parent(self) -> "Uri":
+    def parent(self) -> Uri:
         return Uri(self.rstrip("/").rsplit("/", 1)[0])
 
     @property
@@ -62,7 +62,8 @@ def location(where: str | Path) -> Location:
         return Path(where).expanduser().resolve()
     scheme = where.split("://", 1)[0]
     if scheme not in SCHEMES:
-        raise ValueError(f"unsupported storage URI {where!r}: use a local path, s3://bucket/prefix or gs://bucket/prefix")
+        raise ValueError(f"unsupported storage URI {where!r}: use a local path, s3://bucket/prefix or "
+                         "gs://bucket/prefix")
     return Uri(where.rstrip("/"))
 
 
@@ -161,7 +162,7 @@ def write_bytes(where: Location, data: bytes) -> None:
     object store."""
     if isinstance(where, Path):
         where.parent.mkdir(parents=True, exist_ok=True)
-        tmp = where.with_name(f".{where.name}.tmp")
+        tmp = where.with_name(f".{where.name}.{uuid.uuid4().hex[:8]}.tmp")  # unique: writers may race on one name
         tmp.write_bytes(data)
         os.replace(tmp, where)
         return
@@ -190,6 +191,15 @@ def glob(folder: Location, pattern: str, recursive: bool = False) -> list[Locati
     scheme = folder.scheme
     return sorted(Uri(f"{scheme}://{i.path}") for i in infos
                   if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.base_name, pattern))
+
+
+def ray_storage(where: Location) -> tuple[str, pafs.FileSystem | None]:
+    """Ray Train's (storage_path, storage_filesystem): the bucket path and its filesystem for a URI, so checkpoints
+    reach the same endpoint with the same credentials; the plain path (Ray's local handling) otherwise."""
+    if isinstance(where, Path):
+        return str(where), None
+    fs, path = filesystem(where)
+    return path, fs
 
 
 def read_parquet(files: list[str | Location]):

@@ -3,26 +3,25 @@
 A stage's marked rows are split into `shards` doc_id ranges (range i holds the i-th slice of the 60-bit doc_id
 prefix space), one Ray Data group per range. A group is sorted by doc_id and written as `part-i.parquet` (kept rows)
 and `dropped/<stage>/part-i.parquet` (dropped rows) under a hidden temporary name and `os.replace`d, then
-`_shards/part-i.json` records its counts. The file bytes depend only on which rows fall in the range, never on Ray's
-block boundaries or task order, so a killed run that redoes the unmarked ranges writes what an unbroken run writes.
+`_shards/part-i.json` records its counts (on an object store, each file is one atomic PUT: see athanor.storage).
+The file bytes depend only on which rows fall in the range, never on Ray's block boundaries or task order, so a
+killed run that redoes the unmarked ranges writes what an unbroken run writes.
 Once every range is committed, `_SUCCESS.json` records the stage's key (config, inputs, upstream) and its stats.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from athanor import storage
 from athanor.pipelines.stats import REASON, dropped_rows, kept_rows, write_json
+from athanor.storage import Location, location
 
 SORT_KEY_HEX_DIGITS = 15  # 60 bits of the hex doc_id: fits an int64 and orders like the doc_id
 KEY_SPACE = 16**SORT_KEY_HEX_DIGITS
@@ -46,51 +45,50 @@ def shard_of(doc_ids: pa.Array | pa.ChunkedArray, shards: int) -> np.ndarray:
     return np.searchsorted(boundaries, keys, side="right")
 
 
-def write_atomic(table: pa.Table, path: Path) -> None:
-    """Write under a hidden temporary name (readers skip '.' files), then rename: a file is whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table.replace_schema_metadata(None).combine_chunks(), tmp)
-    os.replace(tmp, path)
+def write_atomic(table: pa.Table, path: Location) -> None:
+    """Serialize in memory, then write whole (storage.write_bytes): a file is whole or absent, local or remote."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.replace_schema_metadata(None).combine_chunks(), sink)
+    storage.write_bytes(path, sink.getvalue().to_pybytes())
 
 
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_json(path: Location) -> dict | None:
+    return storage.read_json(path)
 
 
-def committed_files(out_dir: Path) -> list[str]:
+def committed_files(out_dir: Location) -> list[str]:
     """The committed shards of a stage, in doc_id order (part-i holds the i-th range)."""
-    return [str(p) for p in sorted(out_dir.glob("part-*.parquet"))]
+    return [str(p) for p in storage.glob(out_dir, "part-*.parquet")]
 
 
-def stage_marker(out_dir: Path, key: str) -> dict | None:
+def stage_marker(out_dir: Location, key: str) -> dict | None:
     """The stage's completion marker when it was written for this key (same config and upstream), else None."""
     marker = read_json(out_dir / STAGE_MARKER)
     return marker if marker and marker["key"] == key else None
 
 
-def finished_shards(out_dir: Path, key: str) -> dict[int, dict]:
+def finished_shards(out_dir: Location, key: str) -> dict[int, dict]:
     """shard -> its marker, for the ranges already committed under this key (each marker also holds `shards`)."""
-    markers = (read_json(p) for p in sorted((out_dir / SHARD_MARKERS).glob("part-*.json")))
+    markers = (read_json(p) for p in storage.glob(out_dir / SHARD_MARKERS, "part-*.json"))
     return {m["shard"]: m for m in markers if m and m["key"] == key}
 
 
-def clear_stale(out_dir: Path, dropped_dir: Path | None, key: str) -> None:
+def clear_stale(out_dir: Location, dropped_dir: Location | None, key: str) -> None:
     """Remove output left by a different config (or an older layout) and half-written temporaries.
 
     A folder is kept only when every marker in it carries this key; then its unmarked files are ranges a killed run
-    was writing, which the resumed run overwrites with the same bytes.
+    was writing, which the resumed run overwrites with the same bytes. (Only local folders can hold temporaries.)
     """
-    markers = [out_dir / STAGE_MARKER, *(out_dir / SHARD_MARKERS).glob("part-*.json")]
+    markers = [out_dir / STAGE_MARKER, *storage.glob(out_dir / SHARD_MARKERS, "part-*.json")]
     keys = {m["key"] for m in map(read_json, markers) if m}
     dirs = [d for d in (out_dir, dropped_dir) if d is not None]
     if keys != {key}:
         for d in dirs:
-            shutil.rmtree(d, ignore_errors=True)
+            storage.delete_tree(d)
         return
     for d in dirs:
-        for tmp in d.rglob(".*.tmp"):
-            tmp.unlink()
+        for tmp in storage.glob(d, ".*.tmp", recursive=True):
+            storage.delete(tmp)
 
 
 def shard_counts(markers: list[dict]) -> Counter:
@@ -116,15 +114,15 @@ def _commit_shard(group: pa.Table, stage: str, key: str, shards: int, out_dir: s
     rows = group.drop_columns([SHARD_COLUMN]).sort_by("doc_id")
     kept, name = kept_rows(rows), part_name(shard)
     if kept.num_rows:
-        write_atomic(kept, Path(out_dir) / name)
+        write_atomic(kept, location(out_dir) / name)
     dropped = dropped_rows(rows, stage)
     if dropped_dir is not None and dropped.num_rows:
-        write_atomic(dropped, Path(dropped_dir) / name)
-    _mark_shard(Path(out_dir), key, shard, shards, kept.num_rows, Counter(dropped[REASON].to_pylist()))
+        write_atomic(dropped, location(dropped_dir) / name)
+    _mark_shard(location(out_dir), key, shard, shards, kept.num_rows, Counter(dropped[REASON].to_pylist()))
     return pa.table({"shard": [shard]})
 
 
-def _mark_shard(out_dir: Path, key: str, shard: int, shards: int, kept: int, dropped: Counter) -> None:
+def _mark_shard(out_dir: Location, key: str, shard: int, shards: int, kept: int, dropped: Counter) -> None:
     marker = {"key": key, "shard": shard, "shards": shards, "kept": kept, "dropped": dict(sorted(dropped.items()))}
     write_json(out_dir / SHARD_MARKERS / f"part-{shard:05d}.json", marker)
 
@@ -138,7 +136,7 @@ def only_unfinished(ds: ray.data.Dataset, shards: int, finished: dict[int, dict]
 
 
 def commit_shards(marked: ray.data.Dataset | None, stage: str, key: str, shards: int, finished: dict[int, dict],
-                  out_dir: Path, dropped_dir: Path | None) -> None:
+                  out_dir: Location, dropped_dir: Location | None) -> None:
     """Commit every unfinished range: `marked` (rows of those ranges only, or None for none) grouped by range, each
     group written and marked as in the module doc; ranges without rows get a marker too, so `finished` can be whole."""
     written: set[int] = set()
@@ -155,5 +153,5 @@ def commit_shards(marked: ray.data.Dataset | None, stage: str, key: str, shards:
         _mark_shard(out_dir, key, shard, shards, 0, Counter())
 
 
-def commit_stage(out_dir: Path, key: str, upstream: str, shards: int, stats: dict) -> None:
+def commit_stage(out_dir: Location, key: str, upstream: str, shards: int, stats: dict) -> None:
     write_json(out_dir / STAGE_MARKER, {"key": key, "upstream": upstream, "shards": shards, "stats": stats})

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from athanor import storage
 from athanor.pipelines.shards import TokenShards
+from athanor.storage import Location
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -22,8 +24,10 @@ INDEX_VERSION = 1
 DTYPE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}
 
 
-def export_megatron(workdir: str | Path, split: str, prefix: str | Path) -> tuple[Path, Path]:
+def export_megatron(workdir: str | Path, split: str, prefix: str | Path) -> tuple[Location, Location]:
     """Write `<prefix>.bin` and `<prefix>.idx` for one split (checksums verified first); returns both paths.
+
+    Workdir and prefix may be s3:// or gs:// URIs: the files are written in the node-local cache, then uploaded.
 
     A document cut by a window boundary is whole again here, since windows are consecutive slices of one stream;
     only the document that ran into the split's dropped tail ends early.
@@ -32,7 +36,8 @@ def export_megatron(workdir: str | Path, split: str, prefix: str | Path) -> tupl
     if len(shards) == 0:
         raise ValueError(f"the {split} split of {workdir} has no sequences to export")
     dtype = np.dtype(np.uint16) if shards.dtype == np.uint16 else np.dtype(np.int32)
-    bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
+    targets = storage.location(f"{prefix}.bin"), storage.location(f"{prefix}.idx")
+    bin_path, idx_path = map(storage.cached, targets)
     bin_path.parent.mkdir(parents=True, exist_ok=True)
     width = shards.seq_len + 1
 
@@ -60,4 +65,6 @@ def export_megatron(workdir: str | Path, split: str, prefix: str | Path) -> tupl
         out.write(document_indices.tobytes())
     os.replace(tmp_bin, bin_path)
     os.replace(tmp_idx, idx_path)
-    return bin_path, idx_path
+    for local, target in zip((bin_path, idx_path), targets):
+        storage.upload(local, target)
+    return targets

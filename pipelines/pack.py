@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Iterator
 from itertools import chain
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -30,10 +28,12 @@ import pyarrow.parquet as pq
 import ray
 import xxhash
 
+from athanor import storage
 from athanor.config import AthanorConfig
 from athanor.layout import RunLayout
 from athanor.pipelines.shards import MANIFEST_FORMAT, SPLITS, fingerprint, token_dtype, write_shard
 from athanor.pipelines.tokenizer import Tokenizer
+from athanor.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class EncodeDocuments:
 
     def __call__(self, pieces: pa.Table) -> Iterator[pa.Table]:
         for path, row_group in zip(pieces.column("path").to_pylist(), pieces.column("row_group").to_pylist()):
-            with pq.ParquetFile(path) as parquet:
+            with pq.ParquetFile(storage.open_input(storage.location(path))) as parquet:
                 for batch in parquet.iter_batches(
                     ENCODE_BATCH_DOCS, row_groups=[row_group], columns=["doc_id", "text"], use_threads=False
                 ):
@@ -96,7 +96,8 @@ class EncodeDocuments:
 class _Packer:
     """Streams `BOS doc EOS` sequences into windows of `width` tokens, writing a shard every `shard_sequences`."""
 
-    def __init__(self, root: Path, split: str, width: int, shard_sequences: int, dtype: np.dtype, bos: int, eos: int):
+    def __init__(self, root: Location, split: str, width: int, shard_sequences: int, dtype: np.dtype, bos: int,
+                 eos: int):
         self.root, self.split, self.width, self.shard_sequences = root, split, width, shard_sequences
         self.dtype, self.bos, self.eos = dtype, bos, eos
         self.out_dir = RunLayout(root).shards(split)
@@ -124,7 +125,7 @@ class _Packer:
         offsets = np.searchsorted(inside // self.width, np.arange(n + 1), side="left")
         path = self.out_dir / f"shard-{len(self.shards):05d}.arrow"
         entry = write_shard(path, stream[:cut].reshape(n, self.width), offsets, inside % self.width)
-        entry["path"] = str(path.relative_to(self.root))
+        entry["path"] = f"shards/{self.split}/{path.name}"  # relative to the workdir
         self.shards.append(entry)
         self._chunks = [stream[cut:]]
         self._starts = (starts[starts >= cut] - cut).tolist()
@@ -153,7 +154,7 @@ def encode_pool_size(requested: int, spare_cpu: bool) -> int:
     return max(1, min(requested, int(ray.cluster_resources().get("CPU", 1)) - spare_cpu))
 
 
-def in_doc_id_order(files: list[Path]) -> bool:
+def in_doc_id_order(files: list[Location]) -> bool:
     """Whether reading `files` one after another yields strictly increasing doc_ids (none missing).
 
     Reads only the doc_id column, one file at a time. Strictly increasing means no duplicate ids either, so this
@@ -161,7 +162,7 @@ def in_doc_id_order(files: list[Path]) -> bool:
     """
     last = None
     for path in files:
-        ids = pq.read_table(path, columns=["doc_id"]).column("doc_id").combine_chunks()
+        ids = pq.read_table(storage.open_input(path), columns=["doc_id"]).column("doc_id").combine_chunks()
         if ids.null_count:
             return False
         if len(ids) == 0:
@@ -175,11 +176,12 @@ def in_doc_id_order(files: list[Path]) -> bool:
 
 
 def encode_in_order(
-    files: list[Path], model_path: Path, seed: int, val_fraction: float, actors: int
+    files: list[Location], model_path: Location, seed: int, val_fraction: float, actors: int
 ) -> ray.data.Dataset:
     """The encoded documents of `files` (see EncodeDocuments.encode), as a Ray Dataset that iterates in (doc_id,
     text hash) order: file order when `in_doc_id_order(files)`, else a global sort."""
-    pieces = [{"path": str(f), "row_group": g} for f in files for g in range(pq.read_metadata(f).num_row_groups)]
+    pieces = [{"path": str(f), "row_group": g} for f in files
+              for g in range(pq.read_metadata(storage.open_input(f)).num_row_groups)]
     in_order = in_doc_id_order(files)
     encoded = ray.data.from_items(pieces, override_num_blocks=max(1, len(pieces))).map_batches(
         EncodeDocuments,
@@ -199,25 +201,23 @@ def encode_in_order(
 
 def _clear_previous(layout: RunLayout) -> None:
     """A re-run must not leave stale shards beside new ones; the manifest goes first so no reader sees a mix."""
-    layout.manifest.unlink(missing_ok=True)
+    storage.delete(layout.manifest)
     for split in SPLITS:
         out = layout.shards(split)
-        out.mkdir(parents=True, exist_ok=True)
-        for old in [*out.glob("*.arrow"), *out.glob(".*.tmp")]:
-            old.unlink()
+        storage.makedirs(out)
+        for old in [*storage.glob(out, "*.arrow"), *storage.glob(out, ".*.tmp")]:
+            storage.delete(old)
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def _write_json_atomic(path: Location, payload: dict) -> None:
+    storage.write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def pack_shards(cfg: AthanorConfig, layout: RunLayout) -> dict:
     """Tokenize `curated/final` into train/val Arrow shards and write the manifest; returns the manifest."""
     tc = cfg.tokenize
     tokenizer = Tokenizer(layout.tokenizer_model)
-    files = sorted(layout.curated("final").glob("*.parquet"))
+    files = storage.glob(layout.curated("final"), "*.parquet")
     if not files:
         raise FileNotFoundError(f"no curated Parquet files in {layout.curated('final')} (run curation first)")
     ordered = encode_in_order(files, layout.tokenizer_model, cfg.run.seed, tc.val_fraction, tc.encode_actors)
@@ -258,7 +258,7 @@ def pack_shards(cfg: AthanorConfig, layout: RunLayout) -> dict:
         "dtype": dtype.name,
         "special_ids": {"pad": tokenizer.pad_id, "unk": tokenizer.unk_id, "bos": tokenizer.bos_id,
                         "eos": tokenizer.eos_id},
-        "tokenizer": {"path": str(layout.tokenizer_model.relative_to(layout.root)), "sha256": tokenizer.sha256},
+        "tokenizer": {"path": "tokenizer/" + layout.tokenizer_model.name, "sha256": tokenizer.sha256},
         "config": {"tokenize": tc.model_dump(mode="json"), "seed": cfg.run.seed},
         "documents": {"in": seen, "kept": kept, "dropped": dict(sorted(dropped.items()))},
         "splits": splits,

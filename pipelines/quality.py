@@ -18,17 +18,19 @@ import fasttext
 import numpy as np
 import pyarrow as pa
 
+from athanor import storage
 from athanor.config import AthanorConfig, QualityConfig
 from athanor.layout import RunLayout
 from athanor.pipelines.langid import one_line
 from athanor.pipelines.stats import mark
+from athanor.storage import Location
 
 HIGH, LOW = "__label__hq", "__label__lq"
 MODEL_FILE = "quality.bin"
 REPORT_FILE = "report.json"
 
 
-def model_path(layout: RunLayout) -> Path:
+def model_path(layout: RunLayout) -> Location:
     return layout.quality_dir / MODEL_FILE
 
 
@@ -41,10 +43,10 @@ def training_fingerprint(cfg: AthanorConfig) -> str:
 
 def model_is_current(cfg: AthanorConfig, layout: RunLayout) -> bool:
     """A model exists and was trained from this config (a changed config must not reuse a stale model)."""
-    report = layout.quality_dir / REPORT_FILE
-    if not model_path(layout).is_file() or not report.is_file():
+    report = storage.read_json(layout.quality_dir / REPORT_FILE)
+    if report is None or not storage.is_file(model_path(layout)):
         return False
-    return json.loads(report.read_text()).get("fingerprint") == training_fingerprint(cfg)
+    return report.get("fingerprint") == training_fingerprint(cfg)
 
 
 def split_examples(text: str, min_chars: int) -> list[str]:
@@ -92,15 +94,18 @@ def train_quality_classifier(cfg: AthanorConfig, layout: RunLayout) -> dict:
     valid = [(label, t) for label in splits for t in splits[label][1]]
     rng.shuffle(train)  # fastText's SGD sees the classes interleaved
 
-    layout.quality_dir.mkdir(parents=True, exist_ok=True)
-    train_file, valid_file = layout.quality_dir / "train.txt", layout.quality_dir / "valid.txt"
+    local = storage.cached(layout.quality_dir)  # fastText reads and writes local files: the cache for a URI workdir
+    local.mkdir(parents=True, exist_ok=True)
+    train_file, valid_file, model_file = local / "train.txt", local / "valid.txt", local / MODEL_FILE
     _write_labeled(train_file, train)
     _write_labeled(valid_file, valid)
     model = fasttext.train_supervised(
         input=str(train_file), epoch=q.epochs, lr=q.lr, wordNgrams=q.word_ngrams, dim=q.dim,
         seed=cfg.run.seed, thread=1, verbose=0,  # one thread: the same data and seed give the same model
     )
-    model.save_model(str(model_path(layout)))
+    model.save_model(str(model_file))
+    for f in (train_file, valid_file, model_file):
+        storage.upload(f, layout.quality_dir / f.name)
 
     per_label = model.test_label(str(valid_file))
     report = {
@@ -114,7 +119,7 @@ def train_quality_classifier(cfg: AthanorConfig, layout: RunLayout) -> dict:
             label: {k: float(per_label[label][k]) for k in ("precision", "recall", "f1score")} for label in splits
         },
     }
-    (layout.quality_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    storage.write_text(layout.quality_dir / REPORT_FILE, json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -122,7 +127,7 @@ class QualityScorer:
     """Ray Data class UDF: `quality_score` = P(high) and `low_quality` below the threshold."""
 
     def __init__(self, model_file: str, cfg: QualityConfig):
-        self.model = fasttext.load_model(model_file)
+        self.model = fasttext.load_model(str(storage.fetch(storage.location(model_file))))
         self.threshold = cfg.threshold
 
     def scores(self, texts: list[str]) -> np.ndarray:

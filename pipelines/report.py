@@ -8,16 +8,16 @@ write the same bytes. Every chart carries its numbers as `data-*` attributes, so
 from __future__ import annotations
 
 import html
-import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from athanor import storage
 from athanor.layout import RunLayout
 from athanor.pipelines.stats import write_text
+from athanor.storage import Location
 
 REPORT_FILE = "report.html"
 CLUSTERS_FILE = "near_dedup_clusters.json"
@@ -31,8 +31,8 @@ svg text{font-size:10px}.kept{fill:#4a7}.dropped{fill:#d65}.bar{fill:#47a}"""
 def _final_columns(layout: RunLayout) -> tuple[np.ndarray, np.ndarray | None]:
     """Words per final document and their quality scores (None without a quality stage), file by file."""
     words, scores = [], []
-    for path in sorted(layout.curated("final").glob("*.parquet")):
-        f = pq.ParquetFile(path)
+    for path in storage.glob(layout.curated("final"), "*.parquet"):
+        f = pq.ParquetFile(storage.open_input(path))
         has_score = "quality_score" in f.schema_arrow.names
         for batch in f.iter_batches(columns=["text", "quality_score"] if has_score else ["text"]):
             words.append(pc.list_value_length(pc.utf8_split_whitespace(batch.column("text"))).to_numpy(False))
@@ -60,13 +60,14 @@ def score_histogram(scores: np.ndarray) -> list[tuple[str, int]]:
 def cluster_sizes(layout: RunLayout) -> dict[int, int] | None:
     """{cluster size: clusters}: near-dedup's own report when there is one, else counted from the dropped rows
     (a cluster is its survivor plus every document whose `near_dup_of` names it); None when neither exists."""
-    report = layout.stats_dir / CLUSTERS_FILE
-    if report.is_file():
-        return {int(k): v for k, v in json.loads(report.read_text())["cluster_sizes"].items()}
-    files = sorted((layout.dropped / "near_dedup").glob("*.parquet"))
+    report = storage.read_json(layout.stats_dir / CLUSTERS_FILE)
+    if report is not None:
+        return {int(k): v for k, v in report["cluster_sizes"].items()}
+    files = storage.glob(layout.dropped / "near_dedup", "*.parquet")
     if not files:
         return None
-    survivors = Counter(s for f in files for s in pq.read_table(f, columns=["near_dup_of"])[0].to_pylist())
+    survivors = Counter(s for f in files
+                        for s in pq.read_table(storage.open_input(f), columns=["near_dup_of"])[0].to_pylist())
     return dict(sorted(Counter(n + 1 for n in survivors.values()).items()))
 
 
@@ -135,7 +136,7 @@ def render_report(summary: dict, words: np.ndarray, scores: np.ndarray | None, c
             f"</head><body>{''.join(sections)}</body></html>\n")
 
 
-def write_report(layout: RunLayout, summary: dict) -> Path:
+def write_report(layout: RunLayout, summary: dict) -> Location:
     """Render stats/report.html from the curation summary and the committed output; returns its path."""
     words, scores = _final_columns(layout)
     path = layout.stats_dir / REPORT_FILE

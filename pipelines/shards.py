@@ -6,21 +6,23 @@ One shard is one record batch with two columns:
 
 Fixed-size rows make sequence i a zero-copy slice of one flat mmap'd buffer (O(1), no parsing); doc_starts keeps
 document boundaries so document-level attention masking stays possible. The manifest records each shard's size and
-sha256, so a truncated or altered file is caught by name before any step reads it.
+sha256, so a truncated or altered file is caught by name before any step reads it. A workdir on an object store is
+read through a node-local cache copy (`fetch_token_shards`), downloaded by name and checked against those sha256s.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from bisect import bisect_right
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from athanor import storage
 from athanor.layout import RunLayout
+from athanor.storage import Location
 
 MANIFEST_FORMAT = "athanor-token-shards/1"
 SPLITS = ("train", "val")
@@ -35,12 +37,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+file_sha256 = storage.file_sha256
 
 
 def fingerprint(sha256s: list[str]) -> str:
@@ -48,8 +45,8 @@ def fingerprint(sha256s: list[str]) -> str:
     return hashlib.sha256("\n".join(sha256s).encode()).hexdigest()
 
 
-def write_shard(path: Path, windows: np.ndarray, doc_offsets: np.ndarray, doc_starts: np.ndarray) -> dict:
-    """Write one shard atomically (temp name, then rename) and return its manifest entry (path left absolute).
+def write_shard(path: Location, windows: np.ndarray, doc_offsets: np.ndarray, doc_starts: np.ndarray) -> dict:
+    """Write one shard whole (storage.write_bytes) and return its manifest entry (path left absolute).
 
     `windows` is [n, seq_len + 1] tokens; row i's document starts are doc_starts[doc_offsets[i]:doc_offsets[i+1]].
     """
@@ -57,26 +54,27 @@ def write_shard(path: Path, windows: np.ndarray, doc_offsets: np.ndarray, doc_st
     tokens = pa.FixedSizeListArray.from_arrays(pa.array(windows.reshape(-1)), width)
     starts = pa.ListArray.from_arrays(pa.array(doc_offsets, pa.int32()), pa.array(doc_starts, pa.int32()))
     batch = pa.record_batch([tokens, starts], names=["tokens", "doc_starts"])
-    tmp = path.with_name(f".{path.name}.tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, batch.schema) as writer:
         writer.write_batch(batch)
-    os.replace(tmp, path)
+    data = sink.getvalue().to_pybytes()
+    storage.write_bytes(path, data)
     return {
         "path": str(path),
         "sequences": int(n),
         "tokens": int(n * width),
         "documents": int(len(doc_starts)),  # documents that begin in this shard
-        "bytes": path.stat().st_size,
-        "sha256": file_sha256(path),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
     }
 
 
 def read_manifest(workdir: str | Path) -> dict:
     path = RunLayout.from_workdir(workdir).manifest
-    if not path.is_file():
+    if not storage.is_file(path):
         raise FileNotFoundError(f"no shard manifest at {path} (run the pack stage first)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_bytes(path))
     except json.JSONDecodeError as err:
         raise ShardIntegrityError(f"{path}: not valid JSON ({err})") from None
     if manifest.get("format") != MANIFEST_FORMAT:
@@ -95,13 +93,34 @@ def check_shard(path: Path, entry: dict, verify: bool) -> None:
         raise ShardIntegrityError(f"{path}: sha256 {digest} does not match the manifest's {entry['sha256']}")
 
 
+def fetch_token_shards(workdir: str | Path) -> Path:
+    """The node-local copy of a workdir's manifest, tokenizer and token shards (the workdir itself when local).
+
+    Each file is fetched by name into the cache unless the copy there already has the manifest's sha256, and what
+    came down is checked against it, so a stale or damaged copy is never memory-mapped.
+    """
+    layout = RunLayout.from_workdir(workdir)
+    if not layout.remote:
+        return layout.root
+    manifest = read_manifest(layout.root)
+    local = RunLayout(storage.cached(layout.root))
+    wanted = [(manifest["tokenizer"]["path"], manifest["tokenizer"]["sha256"])]
+    wanted += [(e["path"], e["sha256"]) for split in SPLITS for e in manifest["splits"][split]["shards"]]
+    for name, sha256 in wanted:
+        copy = storage.fetch(layout.root / name, sha256)
+        if (digest := storage.file_sha256(copy)) != sha256:
+            raise ShardIntegrityError(f"{layout.root / name}: sha256 {digest} does not match the manifest's {sha256}")
+    storage.write_text(local.manifest, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return local.root
+
+
 class TokenShards:
     """Random access to one split's packed sequences, memory-mapped: `shards[i]` is a (seq_len + 1,) array."""
 
     def __init__(self, workdir: str | Path, split: str = "train", verify: bool = True):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        root = RunLayout.from_workdir(workdir).root
+        root = fetch_token_shards(workdir)
         manifest = read_manifest(root)
         self.split = split
         self.seq_len: int = manifest["seq_len"]

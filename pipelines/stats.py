@@ -8,13 +8,14 @@ reasons of a stage's marked output gives `{"stage", "in", "kept", "dropped": {re
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+
+from athanor import storage
+from athanor.storage import Location
 
 REASON = "drop_reason"
 
@@ -54,13 +55,10 @@ def stage_stats(stage: str, counts: Counter) -> dict:
     return stats
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write under a hidden temporary name, then rename: a reader (or a resumed run) sees the whole file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def write_text(path: Location, text: str) -> None:
+    """Whole or absent (see storage.write_bytes): a reader (or a resumed run) sees the whole file or none."""
+    storage.write_text(path, text)
 
 
-def write_json(path: Path, payload: dict) -> None:
+def write_json(path: Location, payload: dict) -> None:
     write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")

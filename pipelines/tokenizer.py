@@ -10,17 +10,17 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import ray
 import sentencepiece as spm
 import xxhash
 
+from athanor import storage
 from athanor.config import AthanorConfig
 from athanor.layout import RunLayout
+from athanor.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,11 @@ class Tokenizer:
     """
 
     def __init__(self, model_path: str | Path, num_threads: int = -1):
-        self.path = Path(model_path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"tokenizer model not found: {self.path} (run the tokenizer stage first)")
-        blob = self.path.read_bytes()
+        self.path = storage.location(model_path)  # local or s3://: the model is read as bytes, never as a file
+        try:
+            blob = storage.read_bytes(self.path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"tokenizer model not found: {self.path} (run the tokenizer stage first)") from None
         self.sha256 = hashlib.sha256(blob).hexdigest()
         self._sp = spm.SentencePieceProcessor(model_proto=blob, num_threads=num_threads)
 
@@ -103,16 +104,16 @@ def _keep_below(batch: pa.Table, threshold: int, seed: int) -> pa.Table:
     )
 
 
-def sample_documents(curated_dir: Path, sample_docs: int, seed: int) -> list[str]:
+def sample_documents(curated_dir: Location, sample_docs: int, seed: int) -> list[str]:
     """Texts of the `sample_docs` documents with the smallest seeded doc_id hash, in hash order.
 
     Ray Data filters by a hash threshold that lets through a few more than the sample needs (so only about
     `sample_docs` texts reach the driver); the driver then takes the exact smallest keys.
     """
-    files = sorted(curated_dir.glob("*.parquet"))
+    files = storage.glob(curated_dir, "*.parquet")
     if not files:
         raise TokenizerTrainingError(f"no curated Parquet files in {curated_dir} (run curation first)")
-    ds = ray.data.read_parquet([str(f) for f in files]).select_columns(["doc_id", "text"])
+    ds = storage.read_parquet(files).select_columns(["doc_id", "text"])
     total = ds.count()
     expected = sample_docs + _SAMPLE_SLACK_SIGMAS * np.sqrt(sample_docs) + 100
     fraction = min(1.0, expected / max(total, 1))
@@ -141,13 +142,7 @@ def _vocab_text(model_proto: bytes) -> str:
     return "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def train_tokenizer(cfg: AthanorConfig, layout: RunLayout) -> Path:
+def train_tokenizer(cfg: AthanorConfig, layout: RunLayout) -> Location:
     """Train SentencePiece on a deterministic sample of `curated/final`; write tokenizer.model and .vocab.
 
     Byte fallback means no text is ever out of vocabulary; ids 0-3 are PAD, UNK, BOS, EOS. Normalization is
@@ -187,7 +182,6 @@ def train_tokenizer(cfg: AthanorConfig, layout: RunLayout) -> Path:
             f"cannot train a {tc.model_type} tokenizer with vocab_size={tc.vocab_size} on {len(texts)} documents "
             f"from {layout.curated('final')}: {err}. Lower tokenize.vocab_size or curate more text."
         ) from None
-    layout.tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(layout.tokenizer_model, model.getvalue())
-    _write_atomic(layout.tokenizer_model.with_suffix(".vocab"), _vocab_text(model.getvalue()).encode("utf-8"))
+    storage.write_bytes(layout.tokenizer_model, model.getvalue())
+    storage.write_bytes(layout.tokenizer_dir / "tokenizer.vocab", _vocab_text(model.getvalue()).encode("utf-8"))
     return layout.tokenizer_model
