@@ -7,19 +7,31 @@ Each checker is also run on a deliberately broken copy, so a check that cannot f
 
 from __future__ import annotations
 
+import base64
 import configparser
 import copy
 import json
+import os
 import re
 import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from secrets import token_urlsafe as secrets_token
 
+import boto3
 import jsonschema
 import kubernetes_validate
 import pytest
 import ray.autoscaler
 import tomllib
 import yaml
+from mlflow.tracking import MlflowClient
+from moto.server import ThreadedMotoServer
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from ray.autoscaler._private.util import prepare_config, validate_config
@@ -455,3 +467,116 @@ def test_mlflow_image_pins_agree_with_pyproject():
     assert args["MLFLOW_VERSION"] == _pin("mlflow")
     docs = [d for p in MLFLOW_K8S for d in _yaml_docs(p)]
     assert _container(docs, "Deployment", "mlflow")["image"].endswith(f"/athanor-mlflow:{_pin('mlflow')}")
+
+
+def test_mlflow_server_uses_a_driver_the_image_installs():
+    """SQLAlchemy picks the driver for a bare postgresql:// URI; the server image must ship that one."""
+    from sqlalchemy.engine import make_url
+
+    packages = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary"}
+    text = (INFRA / "mlflow" / "Dockerfile").read_text()
+    compose = yaml.safe_load(COMPOSE.read_text())["services"]["mlflow"]
+    backend = dict(i.split("=", 1) for i in compose["environment"] if "=" in i)["MLFLOW_BACKEND_STORE_URI"]
+    ini = configparser.ConfigParser()
+    ini.read(INFRA / "mlflow" / "basic_auth.ini")
+    for uri in (backend, ini["mlflow"]["database_uri"]):
+        driver = make_url(uri).get_dialect().driver
+        assert f'"{packages[driver]}' in text, f"{uri} needs {packages[driver]} in infra/mlflow/Dockerfile"
+
+
+# ---------------------------------------------------------------- the MLflow server, run for real
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_mlflow_server_runs_the_committed_config(tmp_path, monkeypatch):
+    """`mlflow server` with compose's arguments and environment, the committed basic_auth.ini and the Kubernetes
+    allowed-hosts list, artifacts in S3 (moto on loopback). Only the database differs: SQLite, as no PostgreSQL
+    server ships with the test environment (the Postgres run is in the README's notes)."""
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    s3_url = "http://{}:{}".format(*moto.get_host_and_port())
+    s3 = boto3.client("s3", endpoint_url=s3_url, aws_access_key_id="testing", aws_secret_access_key="testing",
+                      region_name="us-east-1")
+    s3.create_bucket(Bucket="athanor-runs")
+    port = _free_port()
+    secrets = {"MLFLOW_ADMIN_PASSWORD": secrets_token(), "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets_token(),
+               "MLFLOW_DB_PASSWORD": "unused-by-sqlite", "MLFLOW_ARTIFACTS_DESTINATION": "s3://athanor-runs/mlflow",
+               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "MLFLOW_S3_ENDPOINT_URL": s3_url}
+    service = yaml.safe_load(COMPOSE.read_text())["services"]["mlflow"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+    for item in service["environment"]:  # compose's substitution: ${VAR:?msg} must be given; bare names pass through
+        name, _, value = item.partition("=")
+        if value:
+            env[name] = re.sub(r"\$\{(\w+)(:\?[^}]*)?\}", lambda m: secrets[m.group(1)], value)
+        elif name in secrets:
+            env[name] = secrets[name]
+    ini = (INFRA / "mlflow" / "basic_auth.ini").read_text()
+    env["MLFLOW_AUTH_CONFIG_PATH"] = str(tmp_path / "basic_auth.ini")
+    (tmp_path / "basic_auth.ini").write_text(re.sub(r"database_uri = .*", f"database_uri = sqlite:///{tmp_path}/auth.db",
+                                                    ini))
+    env["MLFLOW_BACKEND_STORE_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
+    deployment = _container([d for p in MLFLOW_K8S for d in _yaml_docs(p)], "Deployment", "mlflow")
+    hosts = next(e["value"] for e in deployment["env"] if e["name"] == "MLFLOW_SERVER_ALLOWED_HOSTS")
+    env["MLFLOW_SERVER_ALLOWED_HOSTS"] = hosts.replace(":5000", f":{port}")
+    args = [a for a in service["command"]]
+    args[args.index("--host") + 1], args[args.index("--port") + 1] = "127.0.0.1", str(port)
+    args[args.index("--workers") + 1] = "1"
+    with open(tmp_path / "server.log", "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", *args], env=env, cwd=tmp_path,
+                                  stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                if urllib.request.urlopen(f"{base}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(1)
+
+        def status(user=None, password=None, host=None) -> int:
+            req = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1")
+            if user:
+                req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+            if host:
+                req.add_header("Host", host)
+            try:
+                return urllib.request.urlopen(req, timeout=10).status
+            except urllib.error.HTTPError as err:
+                return err.code
+
+        admin = secrets["MLFLOW_ADMIN_PASSWORD"]
+        assert status() == 401
+        assert status("admin", "wrong") == 401
+        assert status("admin", admin) == 200
+        assert status("admin", admin, host=f"mlflow.athanor.svc.cluster.local:{port}") == 200
+        assert status("admin", admin, host=f"evil.example.com:{port}") == 403  # DNS-rebinding guard
+
+        # A client with the tracking credentials and no bucket access: the artifact goes through the server to S3.
+        for name in [n for n in os.environ if n.startswith(("AWS_", "MLFLOW_"))]:
+            monkeypatch.delenv(name)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin)
+        client = MlflowClient(base)
+        run = client.create_run(client.create_experiment("infra-test"))
+        client.log_metric(run.info.run_id, "loss", 2.5, step=1)
+        (tmp_path / "report.txt").write_text("curation report")
+        client.log_artifact(run.info.run_id, str(tmp_path / "report.txt"))
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="athanor-runs", Prefix="mlflow/").get("Contents", [])]
+        assert keys == [f"mlflow/{run.info.experiment_id}/{run.info.run_id}/artifacts/report.txt"]
+        assert client.get_metric_history(run.info.run_id, "loss")[0].value == 2.5
+    finally:
+        server.terminate()
+        server.wait(30)
+        moto.stop()
