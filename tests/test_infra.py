@@ -520,13 +520,13 @@ def test_mlflow_server_runs_the_committed_config(tmp_path, monkeypatch):
             env[name] = secrets[name]
     ini = (INFRA / "mlflow" / "basic_auth.ini").read_text()
     env["MLFLOW_AUTH_CONFIG_PATH"] = str(tmp_path / "basic_auth.ini")
-    (tmp_path / "basic_auth.ini").write_text(re.sub(r"database_uri = .*", f"database_uri = sqlite:///{tmp_path}/auth.db",
-                                                    ini))
+    auth_db = f"database_uri = sqlite:///{tmp_path}/auth.db"
+    (tmp_path / "basic_auth.ini").write_text(re.sub(r"database_uri = .*", auth_db, ini))
     env["MLFLOW_BACKEND_STORE_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
     deployment = _container([d for p in MLFLOW_K8S for d in _yaml_docs(p)], "Deployment", "mlflow")
     hosts = next(e["value"] for e in deployment["env"] if e["name"] == "MLFLOW_SERVER_ALLOWED_HOSTS")
     env["MLFLOW_SERVER_ALLOWED_HOSTS"] = hosts.replace(":5000", f":{port}")
-    args = [a for a in service["command"]]
+    args = list(service["command"])
     args[args.index("--host") + 1], args[args.index("--port") + 1] = "127.0.0.1", str(port)
     args[args.index("--workers") + 1] = "1"
     with open(tmp_path / "server.log", "wb") as log:
