@@ -166,9 +166,6 @@ class CurateConfig(_Section):
     pii: PiiConfig = Field(default_factory=PiiConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
-    # Actors of the fused row-wise stages (extract ... pii), each holding the URL list and lid.176 once;
-    # None: one per CPU of the cluster.
-    filter_actors: int | None = Field(None, ge=1)
     write_dropped: bool = True  # keep rejected documents (with their reason) under curated/dropped/ for audit
     # A stage's output is split into ceil(documents in / docs_per_shard) doc_id ranges, each committed atomically;
     # a resumed run redoes only the ranges without a completion marker.
