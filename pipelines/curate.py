@@ -1,7 +1,7 @@
-"""The curation DAG: read -> filter -> exact_dedup -> near_dedup -> quality -> final.
+"""The curation DAG: filter -> exact_dedup -> near_dedup -> quality -> final.
 
-`filter` is the row-wise stages extract -> url_filter -> langid -> heuristics -> c4 -> fineweb -> pii fused into
-one Ray Data map (see filters.py); each of them still gets its own stats/<stage>.json and funnel row. Each Ray stage
+`filter` is the reader and the row-wise stages extract -> url_filter -> langid -> heuristics -> c4 -> fineweb ->
+pii fused into one Ray Data map (see filters.py); each of them still gets its own stats/<stage>.json and funnel row. Each Ray stage
 marks rows (see stats.py); the driver then counts reasons and commits the stage (see commit.py): its kept rows to
 curated/<stage>/, its dropped rows (with `drop_reason`, and `stage` naming the Ray stage) to
 curated/dropped/<stage>/, both as doc_id-range shards sorted by doc_id, then its stats JSON and a completion
@@ -28,7 +28,7 @@ from athanor.layout import RunLayout
 from athanor.pipelines.commit import (clear_stale, commit_shards, commit_stage, committed_files, finished_shards,
                                       num_shards, only_unfinished, shard_counts, stage_marker)
 from athanor.pipelines.dedup import mark_exact_duplicates
-from athanor.pipelines.filters import FilterChain, row_stages, split_stats
+from athanor.pipelines.filters import READ, filter_batch, row_stages, split_stats
 from athanor.pipelines.minhash import mark_near_duplicates_stage
 from athanor.pipelines.quality import QualityScorer, model_is_current, model_path, train_quality_classifier
 from athanor.pipelines.read import list_files, list_html_files, read_crawl
@@ -39,7 +39,7 @@ Stage = Callable[[ray.data.Dataset | None], ray.data.Dataset]
 FINAL = "final"
 FILTER = "filter"
 # Stages that turn each row into one row with the same doc_id: resumed, they read only their unfinished ranges.
-PER_DOCUMENT_STAGES = frozenset({FILTER, "quality", FINAL})
+PER_DOCUMENT_STAGES = frozenset({"quality", FINAL})
 
 
 def one_actor() -> ray.data.ActorPoolStrategy:
@@ -54,14 +54,10 @@ def read_stage(cfg: AthanorConfig) -> ray.data.Dataset:
     return ds
 
 
-def filter_actors(cfg: AthanorConfig) -> int:
-    """`curate.filter_actors`, else one per CPU of the cluster (each actor keeps one CPU busy)."""
-    return cfg.curate.filter_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
 def filter_stage(cfg: AthanorConfig) -> Stage:
-    return lambda ds: ds.map_batches(FilterChain, fn_constructor_args=(cfg.curate,), batch_format="pyarrow",
-                                     compute=ray.data.ActorPoolStrategy(size=filter_actors(cfg)))
+    """The first stage: read, then every row-wise filter. Resumed, it reads and filters the input again (cheap next
+    to committing raw HTML) and commits only the unfinished ranges."""
+    return lambda _: read_stage(cfg).map_batches(filter_batch, fn_kwargs={"cfg": cfg.curate}, batch_format="pyarrow")
 
 
 def curation_stages(cfg: AthanorConfig, layout: RunLayout) -> list[tuple[str, Stage]]:
@@ -71,7 +67,7 @@ def curation_stages(cfg: AthanorConfig, layout: RunLayout) -> list[tuple[str, St
     tokenizer) sees an address. (FineWeb checks URLs before extracting; here extraction comes first, and blocked
     pages cost one extraction each.)"""
     c = cfg.curate
-    stages: list[tuple[str, Stage]] = [("read", lambda _: read_stage(cfg)), (FILTER, filter_stage(cfg))]
+    stages: list[tuple[str, Stage]] = [(FILTER, filter_stage(cfg))]
     if c.dedup.exact:
         stages.append(("exact_dedup", lambda ds: mark_exact_duplicates(ds, c.dedup.shuffle_partitions)))
     if c.dedup.minhash:
@@ -84,8 +80,8 @@ def curation_stages(cfg: AthanorConfig, layout: RunLayout) -> list[tuple[str, St
 
 
 def reported_stages(name: str, cfg: AthanorConfig) -> tuple[str, ...]:
-    """The stages a Ray stage reports stats for: the fused row-wise stages for `filter`, else itself."""
-    return row_stages(cfg.curate) if name == FILTER else (name,)
+    """The stages a Ray stage reports stats for: the reader and the fused row-wise stages for `filter`, else itself."""
+    return (READ, *row_stages(cfg.curate)) if name == FILTER else (name,)
 
 
 def _stats(name: str, counts: Counter, cfg: AthanorConfig) -> list[dict]:

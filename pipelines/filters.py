@@ -1,13 +1,18 @@
 """The row-wise stages (extract -> url_filter -> langid -> heuristics -> c4 -> fineweb -> pii) fused into one UDF.
 
-Each of them turns a row into one row, so running them back to back on a batch in one actor gives what seven
-Ray Data stages give, without seven materializations and seven shard commits: on a small cluster those fixed costs
-(seconds each) dwarf the filters themselves. A row dropped by one filter skips the rest, as before; the fused
-output holds every row once, with the signal columns of the filters it reached (null after) and its `drop_reason`.
+Each of them turns a row into one row, so running them back to back on a batch in one task, fused by Ray Data into
+the reader's own tasks, gives what eight Ray Data stages give without eight materializations and eight shard commits (the
+reader's, of raw HTML, the costliest): on a small cluster those fixed costs dwarf the filters themselves. A row
+dropped by the reader or one filter skips the rest, as before; the fused output holds every row once, with the
+signal columns of the filters it reached (null after), its `drop_reason`, and no `html` (extraction replaces it).
+Tasks, not an actor pool: actors holding every CPU would starve the read tasks feeding them, and a task fused into
+the read never ships raw HTML between processes. The URL list and lid.176 load once per worker process (Ray reuses
+worker processes), through a process-level cache.
 
 Every drop reason belongs to exactly one filter (each module's DROP_REASONS, checked when the chain is built and
-on every batch), so the per-filter stats follow from the reason counts alone: filter i sees what filters before it
-kept. That keeps stats exact on resume, where only the committed shards' reason counts are left.
+on every batch); the reader owns every other reason. So the per-stage stats follow from the reason counts alone
+(stage i sees what the stages before it kept), and stay exact on resume, where only the committed shards' reason
+counts are left.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from athanor.pipelines import c4, extract, fineweb, heuristics, langid, pii, url
 from athanor.pipelines.stats import REASON, stage_stats
 
 ROW_STAGES = ("extract", "url_filter", "langid", "heuristics", "c4", "fineweb", "pii")
+READ = "read"  # the reader: its rows come in already marked, with reasons of its own (see read.py)
 
 
 def row_stages(c: CurateConfig) -> tuple[str, ...]:
@@ -52,10 +58,14 @@ def reason_owners(stages: tuple[str, ...], c: CurateConfig) -> dict[str, str]:
 
 
 def split_stats(stages: tuple[str, ...], counts: Counter, c: CurateConfig) -> list[dict]:
-    """Per-stage stats of a fused run from its reason counts (None = kept): stage i's `in` is what i-1 kept."""
-    owners = reason_owners(stages, c)
+    """Per-stage stats of a fused run from its reason counts (None = kept): stage i's `in` is what i-1 kept.
+    `stages` may start with the reader, which owns every reason no filter gives."""
+    filters = stages[1:] if stages[0] == READ else stages
+    owners = reason_owners(filters, c)
     unknown = [r for r in counts if r is not None and r not in owners]
-    if unknown:
+    if stages[0] == READ:
+        owners |= dict.fromkeys(unknown, READ)
+    elif unknown:
         raise ValueError(f"drop reasons {sorted(unknown)} belong to none of the stages {list(stages)}")
     docs, out = sum(counts.values()), []
     for stage in stages:
@@ -67,7 +77,7 @@ def split_stats(stages: tuple[str, ...], counts: Counter, c: CurateConfig) -> li
 
 
 class FilterChain:
-    """Ray Data class UDF: the enabled row-wise stages over each batch; the URL list and lid.176 load once per actor."""
+    """The enabled row-wise stages over a batch; holds the loaded URL list and lid.176."""
 
     def __init__(self, c: CurateConfig):
         self.stages = row_stages(c)
@@ -85,8 +95,13 @@ class FilterChain:
         self.steps = [(s, make[s]()) for s in self.stages]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Every step runs (on no rows, once all are dropped), so every batch comes out with the same schema."""
+        """Every step runs (on no rows, once all are dropped), so every batch comes out with the same schema.
+        Rows the reader dropped pass through (without `html`, which no dropped row keeps)."""
         parts, pending = [], batch
+        if REASON in batch.column_names:
+            read_dropped = pc.is_valid(batch[REASON])
+            parts.append(batch.filter(read_dropped).drop_columns(["html"]))
+            pending = batch.filter(pc.invert(read_dropped)).drop_columns([REASON])
         for stage, step in self.steps:
             marked = step(pending)
             reasons = set(pc.unique(marked[REASON]).to_pylist()) - {None}
@@ -99,3 +114,15 @@ class FilterChain:
         out = pa.concat_tables([*parts, pending], promote_options="default")  # later signals: null where dropped
         reason = out[REASON]
         return out.drop_columns([REASON]).append_column(REASON, reason)
+
+
+_CHAINS: dict[str, FilterChain] = {}  # this worker process's loaded chain, by config
+
+
+def filter_batch(batch: pa.Table, cfg: CurateConfig) -> pa.Table:
+    """Ray Data UDF: the chain for `cfg`, built on this process's first batch and reused for the rest."""
+    key = cfg.model_dump_json()
+    if key not in _CHAINS:
+        _CHAINS.clear()
+        _CHAINS[key] = FilterChain(cfg)
+    return _CHAINS[key](batch)

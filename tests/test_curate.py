@@ -86,7 +86,8 @@ def test_bad_inputs_are_named_drops_and_quarantine_entries(curated):
 
 
 def test_kept_and_dropped_rows_are_written_per_stage(curated):
-    """One folder per Ray stage; the fused filter stage's folders hold what its seven stages kept and dropped."""
+    """One folder per Ray stage; the fused filter stage's folders hold what the reader and the seven row-wise stages
+    kept and dropped (the reader's drops included, raw HTML not)."""
     cfg, layout, summary = curated
     by_name = {s["stage"]: s for s in summary["stages"]}
     for name, _ in curation_stages(cfg, layout):
@@ -100,6 +101,7 @@ def test_kept_and_dropped_rows_are_written_per_stage(curated):
             assert {r: dropped["drop_reason"].to_pylist().count(r) for r in dropped_counts} == dropped_counts
     filtered = pq.read_table(layout.curated(FILTER), columns=["source", "text", "lang", "word_count", "pii_ips"])
     assert filtered.num_rows and None not in filtered["pii_ips"].to_pylist()  # kept rows passed every filter
+    assert "html" not in pq.read_schema(next((layout.dropped / FILTER).glob("*.parquet"))).names
     blank = pq.read_table(layout.dropped / FILTER, columns=["drop_reason", "lang", "word_count"]).to_pylist()
     assert all(r["lang"] is None for r in blank if r["drop_reason"] == "binary_content")  # no later signals
     assert all(r["lang"] and r["word_count"] is None for r in blank if r["drop_reason"] == "lang_low_score")

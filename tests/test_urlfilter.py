@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pyarrow as pa
+import numpy as np
 import pytest
 import ray
 
@@ -61,6 +62,18 @@ def test_listed_domains_subdomains_urls_and_words_are_blocked(blocklist_dir, url
     out = url_filter(pa.table({"url": pa.array(list(cases), pa.string())}))
     assert out["url_block_rule"].to_pylist() == list(cases.values())
     assert out["drop_reason"].to_pylist() == ["url_blocked" if r else None for r in cases.values()]
+
+
+def test_domain_hashes_are_cached_beside_the_list_until_it_changes(blocklist_dir, tmp_path):
+    lines = (blocklist_dir / "domains").read_bytes().splitlines(keepends=True)
+    domains = tmp_path / "domains"
+    domains.write_bytes(b"".join(lines[:5000]))
+    first = load_domain_hashes(domains)
+    (cache,) = tmp_path.glob(".domains.*.npy")
+    assert (load_domain_hashes(domains) == first).all() and np.array_equal(np.load(cache), first)
+    domains.write_bytes(b"".join(lines[:6000]))  # the list grew: hashed again, under a new cache name
+    grown = load_domain_hashes(domains)
+    assert len(grown) == 6000 and len(first) == 5000 and len(list(tmp_path.glob(".domains.*.npy"))) == 2
 
 
 def test_missing_list_is_a_clear_error(tmp_path):
