@@ -1,12 +1,12 @@
-"""The curation DAG: filter -> exact_dedup -> near_dedup -> quality -> final.
+"""The curation DAG: filter -> exact_dedup -> near_dedup -> quality, then curated/final.
 
 `filter` is the reader and the row-wise stages extract -> url_filter -> langid -> heuristics -> c4 -> fineweb ->
-pii fused into one Ray Data map (see filters.py); each of them still gets its own stats/<stage>.json and funnel row. Each Ray stage
-marks rows (see stats.py); the driver then counts reasons and commits the stage (see commit.py): its kept rows to
-curated/<stage>/, its dropped rows (with `drop_reason`, and `stage` naming the Ray stage) to
-curated/dropped/<stage>/, both as doc_id-range shards sorted by doc_id, then its stats JSON and a completion
-marker, and hands the kept rows on. The survivors of the last stage are committed the same way into
-curated/final/. A re-run skips committed stages and ranges and writes the same bytes an uninterrupted run writes;
+pii fused into one Ray Data map (see filters.py); each of them still gets its own stats/<stage>.json and funnel
+row. Each Ray stage marks rows (see stats.py); the driver then counts reasons and commits the stage (see
+commit.py): its kept rows to curated/<stage>/, its dropped rows (with `drop_reason`, and `stage` naming the Ray
+stage) to curated/dropped/<stage>/, both as doc_id-range shards sorted by doc_id, then its stats JSONs and a
+completion marker, and hands the kept rows on. The last stage's committed shards are copied into curated/final/.
+A re-run skips committed stages and ranges and writes the same bytes an uninterrupted run writes;
 stats/report.html shows the result.
 """
 
@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import pyarrow as pa
 import ray
 from ray.data.context import ShuffleStrategy
 
@@ -33,13 +32,13 @@ from athanor.pipelines.minhash import mark_near_duplicates_stage
 from athanor.pipelines.quality import QualityScorer, model_is_current, model_path, train_quality_classifier
 from athanor.pipelines.read import list_files, list_html_files, read_crawl
 from athanor.pipelines.report import write_report
-from athanor.pipelines.stats import kept_rows, mark, reason_counts, stage_stats, write_json
+from athanor.pipelines.stats import kept_rows, reason_counts, stage_stats, write_json
 
 Stage = Callable[[ray.data.Dataset | None], ray.data.Dataset]
 FINAL = "final"
 FILTER = "filter"
 # Stages that turn each row into one row with the same doc_id: resumed, they read only their unfinished ranges.
-PER_DOCUMENT_STAGES = frozenset({"quality", FINAL})
+PER_DOCUMENT_STAGES = frozenset({"quality"})
 
 
 def one_actor() -> ray.data.ActorPoolStrategy:
@@ -114,23 +113,25 @@ def _committed(cfg: AthanorConfig, layout: RunLayout, stage: str) -> ray.data.Da
     return ds
 
 
-def _mark_all_kept(batch: pa.Table) -> pa.Table:
-    return mark(batch, [None] * batch.num_rows)
-
-
-def _final_stage(ds: ray.data.Dataset) -> ray.data.Dataset:
-    """The survivors as they are: committing them (sorted, in doc_id ranges) is what makes curated/final."""
-    return ds.map_batches(_mark_all_kept, batch_format="pyarrow")
+def _copy_final(layout: RunLayout, last: str, key: str, upstream: str, kept: int) -> None:
+    """curated/final is the last stage's committed shards, copied byte for byte: they are its survivors, already
+    sorted in doc_id ranges, so no Ray pass is needed. Copied whole each time (a kill mid-copy leaves no marker),
+    the completion marker last."""
+    out = layout.curated(FINAL)
+    storage.delete_tree(out)
+    files = [storage.location(f) for f in committed_files(layout.curated(last))]
+    for src in files:
+        storage.write_bytes(out / src.name, storage.read_bytes(src))
+    commit_stage(out, key, upstream, len(files), [stage_stats(FINAL, Counter({None: kept}))])
 
 
 def _commit(marked: ray.data.Dataset | None, name: str, key: str, upstream: str, shards: int,
             finished: dict[int, dict], stats: list[dict], layout: RunLayout, write_dropped: bool) -> None:
     """Unfinished ranges first, then the stats JSONs, then the completion marker: a marker implies all the rest."""
-    dropped_dir = layout.dropped / name if write_dropped and name != FINAL else None
+    dropped_dir = layout.dropped / name if write_dropped else None
     commit_shards(marked, name, key, shards, finished, layout.curated(name), dropped_dir)
-    if name != FINAL:
-        for s in stats:
-            write_json(layout.stats(s["stage"]), s)
+    for s in stats:
+        write_json(layout.stats(s["stage"]), s)
     commit_stage(layout.curated(name), key, upstream, shards, stats)
 
 
@@ -173,7 +174,7 @@ def run_curation(cfg: AthanorConfig, layout: RunLayout) -> dict:
     the one output that differs between runs)."""
     if cfg.curate.quality.enabled and not model_is_current(cfg, layout):
         train_quality_classifier(cfg, layout)
-    stages = [*curation_stages(cfg, layout), (FINAL, _final_stage)]
+    stages = curation_stages(cfg, layout)
 
     per_stage, seconds, commits = [], {}, []
     ds, docs_in, previous, upstream = None, None, None, _run_key(cfg, layout)
@@ -184,9 +185,8 @@ def run_curation(cfg: AthanorConfig, layout: RunLayout) -> dict:
             done = stage_marker(layout.curated(name), key)
             if done is not None:
                 ds, stats = None, done["stats"]
-                if name != FINAL:
-                    for s in stats:
-                        write_json(layout.stats(s["stage"]), s)
+                for s in stats:
+                    write_json(layout.stats(s["stage"]), s)
             else:
                 if ds is None and docs_in:  # the previous stage's rows are on disk, not in memory
                     for commit in commits:
@@ -194,15 +194,17 @@ def run_curation(cfg: AthanorConfig, layout: RunLayout) -> dict:
                     ds = _committed(cfg, layout, previous)
                 ds, stats, commit = run_stage(name, stage, ds, docs_in, key, upstream, cfg, layout, writer)
                 commits.append(commit)
-            if name != FINAL:
-                per_stage += stats
+            per_stage += stats
             docs_in, previous, upstream = stats[-1]["kept"], name, key
             seconds[name] = round(time.perf_counter() - start, 3)
 
         start = time.perf_counter()
         for commit in commits:
             commit.result()  # re-raises a failed commit here
-        seconds[FINAL] += round(time.perf_counter() - start, 3)
+        key = _stage_key(upstream, FINAL)
+        if stage_marker(layout.curated(FINAL), key) is None:
+            _copy_final(layout, previous, key, upstream, docs_in)
+        seconds[FINAL] = round(time.perf_counter() - start, 3)
     dropped = sum((Counter(s["dropped"]) for s in per_stage), Counter())
     summary = {
         "stages": per_stage,
