@@ -29,7 +29,8 @@ from athanor.pipelines.commit import (clear_stale, commit_shards, commit_stage, 
 from athanor.pipelines.dedup import mark_exact_duplicates
 from athanor.pipelines.filters import READ, filter_batch, row_stages, split_stats
 from athanor.pipelines.minhash import mark_near_duplicates_stage
-from athanor.pipelines.quality import QualityScorer, model_is_current, model_path, train_quality_classifier
+from athanor.pipelines.quality import (QualityScorer, local_model, model_is_current, model_path,
+                                       train_quality_classifier)
 from athanor.pipelines.read import list_files, list_html_files, read_crawl
 from athanor.pipelines.report import write_report
 from athanor.pipelines.stats import kept_rows, reason_counts, stage_stats, write_json
@@ -97,7 +98,7 @@ def _run_key(cfg: AthanorConfig, layout: RunLayout) -> str:
                                      for f in list_files(getattr(d, field), d, field))]
     digest = hashlib.sha256(f"{cfg.section_hash('data', 'curate')} {inputs}".encode())
     if cfg.curate.quality.enabled:
-        digest.update(storage.read_bytes(model_path(layout)))
+        digest.update(local_model(model_path(layout)).read_bytes())
     return digest.hexdigest()[:16]
 
 

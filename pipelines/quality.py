@@ -110,6 +110,7 @@ def train_quality_classifier(cfg: AthanorConfig, layout: RunLayout) -> dict:
     per_label = model.test_label(str(valid_file))
     report = {
         "model": str(model_path(layout)),
+        "sha256": storage.file_sha256(model_file),
         "fingerprint": training_fingerprint(cfg),
         "examples": {
             "train": {label: len(splits[label][0]) for label in splits},
@@ -123,11 +124,19 @@ def train_quality_classifier(cfg: AthanorConfig, layout: RunLayout) -> dict:
     return report
 
 
+def local_model(model_file: str | Location) -> Path:
+    """The model as a local file for fastText: itself when local, else its node-local copy, downloaded only when the
+    copy lacks the sha256 the report beside the model records (so each node fetches a model once)."""
+    where = storage.location(model_file)
+    report = storage.read_json(where.parent / REPORT_FILE) or {}
+    return storage.fetch(where, report.get("sha256"))
+
+
 class QualityScorer:
     """Ray Data class UDF: `quality_score` = P(high) and `low_quality` below the threshold."""
 
     def __init__(self, model_file: str, cfg: QualityConfig):
-        self.model = fasttext.load_model(str(storage.fetch(storage.location(model_file))))
+        self.model = fasttext.load_model(str(local_model(model_file)))
         self.threshold = cfg.threshold
 
     def scores(self, texts: list[str]) -> np.ndarray:
