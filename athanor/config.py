@@ -231,12 +231,25 @@ class TrainConfig(_Section):
     max_failures: int = Field(3, ge=-1)  # worker-group restarts from the last checkpoint (-1: unlimited)
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
+    # Seconds between Ray Train's checks for room to grow an elastic group (ScalingConfig.elastic_resize_monitor_interval_s).
+    resize_interval_s: float = Field(60.0, ge=0.0)
+    # Parallelism: workers form a (dp, tp) mesh, dp = workers / tp_size. Data parallelism is FSDP2 (fully_shard per
+    # block) or DDP; tensor parallelism (tp_size > 1) needs fsdp.
+    tp_size: int = Field(1, ge=1)
+    data_parallel: Literal["fsdp", "ddp"] = "fsdp"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    async_checkpoint: bool = True  # upload checkpoints to storage in the background (Ray Train's ASYNC mode)
     global_batch_size: int = Field(16, ge=1)  # sequences per optimizer step, whatever the worker count
     micro_batch_size: int = Field(8, ge=1)  # sequences per worker per forward pass (gradient accumulation fills the rest)
     max_steps: int = Field(200, ge=1)
     lr: float = Field(3e-3, gt=0)
     min_lr: float = 3e-4
     warmup_steps: int = 20
+    # cosine: warmup, then cosine to min_lr at max_steps. wsd (warmup-stable-decay): warmup, lr held, then a linear
+    # decay to min_lr over the last decay_fraction of max_steps.
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0)
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
@@ -254,6 +267,15 @@ class TrainConfig(_Section):
     def _worker_range(self) -> "TrainConfig":
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise ValueError(f"min_workers ({self.min_workers}) must be <= num_workers ({self.num_workers})")
+        for name in ("num_workers", "min_workers"):
+            n = getattr(self, name)
+            if n is not None and n % self.tp_size:
+                raise ValueError(f"{name} ({n}) must be a multiple of tp_size ({self.tp_size})")
+        if self.tp_size > 1 and self.min_workers not in (None, self.num_workers):
+            raise ValueError("an elastic worker range with tp_size > 1 could land on a worker count that is not a "
+                             "multiple of tp_size; set min_workers equal to num_workers (or leave it unset)")
+        if self.tp_size > 1 and self.data_parallel != "fsdp":
+            raise ValueError("tp_size > 1 needs data_parallel: fsdp (the 2-D mesh composes FSDP2 with TP)")
         return self
 
 

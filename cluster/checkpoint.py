@@ -1,51 +1,167 @@
 """The checkpoint format: one folder that is enough to resume training, generate text or export the model.
 
-    state.pt          model, optimizer, step, loader state, model config (tensors and plain data only)
-    tokenizer.model   the SentencePiece model the token ids belong to
+    .metadata, __<rank>_0.distcp   model and optimizer, saved by `torch.distributed.checkpoint` (DCP): every rank
+                                   writes its own shards, so loading reshards to any world size and parallel layout
+    trainer_state.json             step, loader state, world size and model config (plain JSON, world-size free)
+    rng/rank_<r>.pt                each rank's torch RNG state (tensors only)
+    tokenizer.model                the SentencePiece model the token ids belong to
 
-Loading uses `torch.load(weights_only=True)`, which refuses pickled code, so a tampered file cannot run anything.
+Nothing is unpickled blindly on load. DCP reads tensors by offset and its small non-tensor items with
+`torch.load(weights_only=True)`, but it reads `.metadata` with plain `pickle.load`; `SafeFileSystemReader` replaces that
+with an unpickler that admits only DCP's own metadata classes. JSON is JSON, and the RNG files load with
+`weights_only=True`. A tampered checkpoint fails to load instead of running code.
 """
 
 from __future__ import annotations
 
+import json
+import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from athanor import storage
 from athanor.config import ModelConfig
 
-STATE_FILE = "state.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
 TOKENIZER_FILE = "tokenizer.model"
+DCP_METADATA = ".metadata"
 
 
-def save_checkpoint(directory: Path, state: dict, tokenizer_model: Path) -> None:
-    torch.save(state, directory / STATE_FILE)
-    shutil.copyfile(tokenizer_model, directory / TOKENIZER_FILE)
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits what DCP's metadata is made of (its dataclasses, torch sizes, dtypes, layouts, paths) and nothing else."""
+
+    MODULES = {"torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"}
+    NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+             ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str):
+        allowed = (module in self.MODULES or (module, name) in self.NAMES
+                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        if not allowed:
+            raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not DCP metadata; "
+                                         "refusing to load it (the checkpoint may have been tampered with)")
+        return super().find_class(module, name)
 
 
-def load_state(directory: str | Path) -> dict:
-    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with `.metadata` read by `_MetadataUnpickler` instead of `pickle.load`."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"checkpoint metadata is a {type(metadata).__name__}, not DCP Metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
+                    rank: int, tokenizer_model: Path | None) -> None:
+    """Collective: every rank writes its shards of model and optimizer; rank 0 adds the JSON state and tokenizer."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
+    rng = directory / "rng"
+    rng.mkdir(exist_ok=True)
+    torch.save(_rng_state(), rng / f"rank_{rank}.pt")
+    if rank == 0:
+        (directory / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+        if tokenizer_model is not None:
+            shutil.copyfile(tokenizer_model, directory / TOKENIZER_FILE)
+
+
+def load_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    rank: int) -> dict:
+    """Collective: restore model and optimizer in place, resharded to this run's layout; returns the trainer state."""
+    directory = Path(directory)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    _dcp_load(state, directory)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = directory / "rng" / f"rank_{rank}.pt"
+    if rng_file.is_file():  # a rank that did not exist before the resize keeps its fresh seed
+        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    return read_trainer_state(directory)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message says why, per rank."""
+
+
+def _dcp_load(state: dict, directory: Path) -> None:
+    """dcp.load with the safe reader; DCP's CheckpointException (a BaseException) becomes a CheckpointError."""
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(directory))
+    except CheckpointException as e:
+        reasons = "; ".join(f"rank {r}: {err!r}" for r, err in e.failures.items())
+        raise CheckpointError(f"cannot load checkpoint {directory}: {reasons}") from e
+
+
+def read_trainer_state(directory: str | Path) -> dict:
+    return json.loads((Path(directory) / TRAINER_STATE_FILE).read_text())
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / TRAINER_STATE_FILE).is_file() and (path / DCP_METADATA).is_file()
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder itself, or the newest checkpoint under a run's workdir or Ray Train storage folder."""
+    """A checkpoint folder itself, or the newest checkpoint (highest step) under a run's workdir or storage folder.
+    Under an s3:// or gs:// URI the newest is chosen in place and fetched into the node-local cache."""
+    if storage.is_uri(path):
+        return find_checkpoint(_fetch_newest(storage.location(path)))
     p = Path(path)
-    if (p / STATE_FILE).is_file():
+    if is_checkpoint(p):
         return p
-    found = sorted(p.glob(f"**/checkpoint_*/{STATE_FILE}"), key=lambda f: f.parent.name)
+    found = [f.parent for f in p.glob(f"**/checkpoint_*/{TRAINER_STATE_FILE}") if is_checkpoint(f.parent)]
     if not found:
-        raise FileNotFoundError(f"no checkpoint ({STATE_FILE}) found in or under {p}")
-    return found[-1].parent
+        raise FileNotFoundError(f"no checkpoint ({TRAINER_STATE_FILE} + DCP {DCP_METADATA}) found in or under {p}")
+    return max(found, key=lambda d: (read_trainer_state(d)["step"], d.name))
+
+
+def _fetch_newest(root: storage.Uri) -> Path:
+    states = [f for f in storage.glob(root, TRAINER_STATE_FILE, recursive=True)
+              if (f.parent == root or f.parent.name.startswith("checkpoint_")) and storage.is_file(f.parent / DCP_METADATA)]
+    if not states:
+        raise FileNotFoundError(f"no checkpoint ({TRAINER_STATE_FILE} + DCP {DCP_METADATA}) found in or under {root}")
+    newest = max(states, key=lambda f: (storage.read_json(f)["step"], f.parent.name))
+    return storage.fetch_tree(newest.parent)
 
 
 def load_model(path: str | Path, device: str = "cpu"):
-    """(model in eval mode, its ModelConfig, the checkpoint folder) from a checkpoint or a run folder."""
+    """(model in eval mode, its ModelConfig, the checkpoint folder) from a checkpoint or a run folder.
+
+    One process, no process group: DCP reads every shard and assembles whole tensors.
+    """
     from athanor.model.transformer import Transformer
 
     directory = find_checkpoint(path)
-    state = load_state(directory)
-    mcfg = ModelConfig.model_validate(state["model_config"])
+    mcfg = ModelConfig.model_validate(read_trainer_state(directory)["model_config"])
     model = Transformer(mcfg)
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*load in a single process")
+        _dcp_load(state, directory)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), mcfg, directory

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -36,15 +36,16 @@ def parallelize(
 ) -> Transformer:
     """Apply the chosen techniques in place and return the model.
 
-    `mesh` is 1-D for TP alone or FSDP alone, and 2-D with dims named ("dp", "tp") for both; it may be None when
-    only activation checkpointing and/or compile are asked for.
+    `mesh` is 1-D for TP alone or FSDP alone, or 2-D with dims named ("dp", "tp") (each technique then uses its own
+    dimension); it may be None when only activation checkpointing and/or compile are asked for.
     """
     if (tp or fsdp) and mesh is None:
         raise ValueError("tensor parallelism and FSDP need a DeviceMesh")
     if tp and fsdp and mesh.ndim != 2:
         raise ValueError('TP together with FSDP needs a 2-D mesh with dims ("dp", "tp")')
-    tp_mesh = mesh["tp"] if tp and fsdp else mesh
-    dp_mesh = mesh["dp"] if tp and fsdp else mesh
+    two_d = mesh is not None and mesh.ndim == 2
+    tp_mesh = mesh["tp"] if two_d else mesh
+    dp_mesh = mesh["dp"] if two_d else mesh
     if tp:
         apply_tensor_parallel(model, tp_mesh)
     if activation_checkpointing:
@@ -103,3 +104,34 @@ def is_parallel_param(p: torch.Tensor) -> bool:
 def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter gathered to a plain tensor, e.g. to save or export from rank 0."""
     return {k: (v.full_tensor() if is_parallel_param(v) else v) for k, v in module.state_dict().items()}
+
+
+def build_mesh(device_type: str, world_size: int, tp_size: int) -> DeviceMesh:
+    """The (dp, tp) mesh over every rank: tensor-parallel groups are consecutive ranks (the fast links of one node)."""
+    if world_size % tp_size:
+        raise ValueError(f"{world_size} workers cannot form tensor-parallel groups of {tp_size}")
+    return init_device_mesh(device_type, (world_size // tp_size, tp_size), mesh_dim_names=("dp", "tp"))
+
+
+def clip_grad_norm_(parameters, max_norm: float) -> float:
+    """Clip by the global gradient norm; unlike torch's, it accepts DTensors that live on different meshes.
+
+    Under FSDP2 x TP, the tensor-parallel weights are 2-D DTensors while norms are sharded on the dp mesh only, and
+    torch.nn.utils.clip_grad_norm_ cannot stack their norms. Each group of gradients with the same mesh and placement
+    gets its norm from torch, made whole with full_tensor(), and the groups combine as a root of summed squares.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    groups: dict = {}
+    for g in grads:
+        key = (g.device_mesh, tuple(g.placements)) if is_parallel_param(g) else None
+        groups.setdefault(key, []).append(g)
+    total_sq = 0.0
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm(group)
+        total_sq += float(norm.full_tensor() if is_parallel_param(norm) else norm) ** 2
+    total = total_sq**0.5
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return total

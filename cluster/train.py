@@ -2,14 +2,14 @@
 
 The driver stays thin: it builds the trainer, Ray Train places the workers and sets up the process group
 (gloo on CPU, NCCL on GPU). Each worker runs `train_loop_per_worker`, which is plain PyTorch: build the model,
-wrap it in DDP, take its slice of every global batch from the global-index loader, step. Rank 0 logs to the
-MLflow run the driver resolved. Checkpoints carry model, optimizer, schedule and loader state; a relaunch with
-the same run name resumes from the latest one.
+parallelize it over a (dp, tp) mesh of all workers (FSDP2 or DDP, and the tensor-parallel plan), take its data-parallel
+slice of every global batch from the global-index loader, step. Rank 0 logs to the MLflow run the driver resolved.
+Checkpoints (DCP, one file set per rank) carry model, optimizer, loader and RNG state; when the group is resized or
+restarted, or the driver is relaunched with the same run name, training resumes from the newest one at any world size.
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from contextlib import nullcontext
@@ -21,24 +21,18 @@ import torch
 from athanor.config import AthanorConfig, ModelConfig, TrainConfig
 from athanor.layout import RunLayout
 
-from .checkpoint import load_state, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
+from .parallelize import build_mesh, clip_grad_norm_, parallelize
+from .schedule import lr_at
 
 
-def lr_at(step: int, t: TrainConfig) -> float:
-    """Linear warmup, then cosine decay from lr to min_lr at max_steps."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def grad_accum_steps(t: TrainConfig, world_size: int) -> int:
-    """Micro-batches per optimizer step so that the global batch stays the same at any worker count."""
-    per_rank, rem = divmod(t.global_batch_size, world_size)
+def grad_accum_steps(t: TrainConfig, dp_size: int) -> int:
+    """Micro-batches per optimizer step so that the global batch stays the same at any data-parallel size."""
+    per_rank, rem = divmod(t.global_batch_size, dp_size)
     if rem or per_rank % t.micro_batch_size:
         raise ValueError(
             f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
-            f"train.micro_batch_size ({t.micro_batch_size}) x workers ({world_size})"
+            f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel workers ({dp_size})"
         )
     return per_rank // t.micro_batch_size
 
@@ -80,15 +74,16 @@ def _all_mean(x: torch.Tensor) -> float:
     return float(x)
 
 
-def _gather_sample_ids(ids: torch.Tensor) -> list[int]:
-    """Every rank's slice of this step's global batch, in rank order: the global batch as the loader defined it."""
+def _gather_sample_ids(ids: torch.Tensor, tp_size: int) -> list[int]:
+    """Every data-parallel rank's slice of this step's global batch, in rank order: the global batch as the loader
+    defined it (tensor-parallel peers hold the same slice, so one per group is kept)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return ids.tolist()
     parts = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, ids)
-    return torch.cat(parts).tolist()
+    return torch.cat(parts[::tp_size]).tolist()
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -99,80 +94,87 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, shards, rank: int, world: int, t: TrainConfig, device) -> float | None:
-    """Mean validation loss over the first eval_batches x micro_batch_size sequences, split across ranks."""
+def evaluate(model: torch.nn.Module, shards, dp_rank: int, dp: int, t: TrainConfig, device) -> float | None:
+    """Mean validation loss over the first eval_batches x micro_batch_size sequences, split across dp ranks.
+
+    Every rank runs the same number of forward passes (FSDP and TP gather weights collectively); a rank whose share
+    ran out repeats its last batch with weight zero.
+    """
+    import torch.distributed as dist
+
     n = min(len(shards), t.eval_batches * t.micro_batch_size)
     if n == 0:
         return None
     model.eval()
-    core = getattr(model, "module", model)
+    starts = list(range(0, n, t.micro_batch_size))
+    rounds = -(-len(starts) // dp)
     total = torch.zeros(2)
-    for start in range(rank * t.micro_batch_size, n, world * t.micro_batch_size):
+    for r in range(rounds):
+        k = r * dp + dp_rank
+        start = starts[min(k, len(starts) - 1)]
         ids = range(start, min(start + t.micro_batch_size, n))
         seqs = torch.stack([torch.from_numpy(shards[i].astype("int64")) for i in ids]).to(device)
-        logits = core(seqs[:, :-1])
-        total += torch.tensor([float(core.loss(logits, seqs[:, 1:])) * len(ids), len(ids)])
-    import torch.distributed as dist
-
+        loss = float(model.loss(model(seqs[:, :-1]), seqs[:, 1:]))
+        if k < len(starts):
+            total += torch.tensor([loss * len(ids), len(ids)])
     if dist.is_available() and dist.is_initialized():
+        total /= t.tp_size  # tensor-parallel peers computed the same batches
         dist.all_reduce(total)
     model.train()
     return float(total[0] / total[1]) if total[1] else None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker: plain PyTorch over a (dp, tp) mesh of all workers."""
     import mlflow
     import ray.train
     import ray.train.torch
 
     from athanor.cluster.loader import GlobalBatchLoader
     from athanor.model.flops import flops_per_token
-    from athanor.model.transformer import Transformer
     from athanor.pipelines.shards import TokenShards
 
     cfg = AthanorConfig.model_validate(config["cfg"])
-    layout = RunLayout(Path(config["workdir"]))
+    layout = RunLayout.from_workdir(config["workdir"]).on_this_node()  # local files: a URI's node-local copy
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(t.seed)
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
     torch.set_num_threads(max(1, t.cpus_per_worker))
 
     train_data = TokenShards(layout.root, "train")
     val_data = TokenShards(layout.root, "val") if _has_split(layout, "val") else None
     mcfg = model_config_for(cfg, train_data.vocab_size)
-    model = Transformer(mcfg).to(device)
+    dp, dp_rank = world // t.tp_size, rank // t.tp_size
+    model, mesh = build_parallel_model(mcfg, t, device, world)
     optimizer = build_optimizer(model, t)
 
     step, loader_state = 0, None
     checkpoint = ray.train.get_checkpoint()
+    restore_s = 0.0
     if checkpoint is not None:
+        t_restore = time.perf_counter()
         with checkpoint.as_directory() as d:
-            state = load_state(d)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+            state = load_checkpoint(d, model, optimizer, rank)
         step, loader_state = state["step"], state["loader"]
+        restore_s = time.perf_counter() - t_restore
 
-    model = ray.train.torch.prepare_model(model)  # DDP across workers (no-op wrapper for one worker)
-    core = getattr(model, "module", model)
-    accum = grad_accum_steps(t, world)
-    loader = GlobalBatchLoader(train_data, t.global_batch_size, seed=t.seed, rank=rank, world_size=world,
+    accum = grad_accum_steps(t, dp)
+    loader = GlobalBatchLoader(train_data, t.global_batch_size, seed=t.seed, rank=dp_rank, world_size=dp,
                                state=loader_state)
     tokens_per_step = t.global_batch_size * train_data.seq_len
-
     flops_per_step = flops_per_token(mcfg, train_data.seq_len) * tokens_per_step
     samples_log = layout.root / "train_samples.jsonl"
     logging_rank = rank == 0 and config.get("mlflow_run_id")
     if logging_rank:
         mlflow.set_tracking_uri(config["mlflow_uri"])
         mlflow.start_run(run_id=config["mlflow_run_id"], log_system_metrics=t.system_metrics)
-        mlflow.log_params({"model.num_params": core.num_params(), "train.grad_accum_steps": accum,
-                           "model.vocab_size_resolved": mcfg.vocab_size})
+        mlflow.log_params({"model.num_params": model.num_params(), "model.vocab_size_resolved": mcfg.vocab_size})
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     model.train()
+    first_step = True
     while step < t.max_steps:
         t0 = time.perf_counter()
         lr = lr_at(step, t)
@@ -183,39 +185,76 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss_sum = torch.zeros((), device=device)
         for i in range(accum):
             sl = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
-            sync = nullcontext() if i == accum - 1 or not hasattr(model, "no_sync") else model.no_sync()
-            with sync, autocast:
-                loss = core.loss(model(inputs[sl]), targets[sl]) / accum
+            with _gradient_sync(model, i == accum - 1), autocast:
+                loss = model.loss(model(inputs[sl]), targets[sl]) / accum
                 loss.backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        grad_norm = clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         step_loss = _all_mean(loss_sum)
         dt = time.perf_counter() - t0
 
-        metrics = {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt,
-                   "world_size": world, "grad_accum_steps": accum, "step": step}
+        metrics = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
+                   "world_size": world, "dp_size": dp, "grad_accum_steps": accum, "step": step}
+        if first_step:  # recovery cost, split: restore (checkpoint load) and warm-up (the first step)
+            metrics.update({"restore_s": restore_s, "first_step_s": dt})
+            first_step = False
         if device.type == "cuda":
             metrics["mfu"] = flops_per_step / dt / (world * t.peak_tflops * 1e12)
         if t.log_sample_ids:
-            ids = _gather_sample_ids(batch["sample_ids"].to(device))
+            ids = _gather_sample_ids(batch["sample_ids"].to(device), t.tp_size)
             if rank == 0:  # a step replayed after a failure appends again: the last record of a step counts
-                _append_jsonl(samples_log, {"step": step, "world_size": world, "loss": step_loss, "sample_ids": ids})
+                _append_jsonl(samples_log, {"step": step, "world_size": world, "loss": step_loss, "lr": lr,
+                                            "sample_ids": ids, "time": time.time()})
         if val_data is not None and (step % t.eval_every == 0 or step == t.max_steps):
-            val_loss = evaluate(model, val_data, rank, world, t, device)
+            val_loss = evaluate(model, val_data, dp_rank, dp, t, device)
             if val_loss is not None:
                 metrics["val_loss"] = val_loss
         if logging_rank and (step % t.log_every == 0 or step == t.max_steps):
             mlflow.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
 
         if step % t.checkpoint_every == 0 or step == t.max_steps:
-            state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                     "loader": loader.state_dict(), "model_config": mcfg.model_dump(mode="json")}
-            _report_with_checkpoint(metrics, rank, state, layout.tokenizer_model)
+            trainer_state = {"step": step, "loader": loader.state_dict(), "world_size": world, "tp_size": t.tp_size,
+                             "model_config": mcfg.model_dump(mode="json")}
+            _report_with_checkpoint(metrics, model, optimizer, trainer_state, rank, layout.tokenizer_model, t)
     if logging_rank:
         mlflow.end_run()
+
+
+def build_parallel_model(mcfg: ModelConfig, t: TrainConfig, device: torch.device, world: int):
+    """The model on this rank, parallelized over the (dp, tp) mesh as the config says; (model, mesh or None)."""
+    from athanor.model.transformer import Transformer
+
+    model = Transformer(mcfg).to(device)
+    if world == 1 and t.data_parallel == "ddp":
+        return parallelize(model, None, activation_checkpointing=t.activation_checkpointing, compile=t.compile), None
+    mesh = build_mesh(device.type, world, t.tp_size)
+    parallelize(model, mesh, tp=t.tp_size > 1, fsdp=t.data_parallel == "fsdp",
+                activation_checkpointing=t.activation_checkpointing, compile=t.compile)
+    if t.data_parallel == "ddp":
+        model = _DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, mesh
+
+
+class _DDP(torch.nn.parallel.DistributedDataParallel):
+    """DDP that still exposes the wrapped Transformer's helpers (loss, num_params), as FSDP2's in-place wrap does."""
+
+    def loss(self, logits, targets):
+        return self.module.loss(logits, targets)
+
+    def num_params(self) -> int:
+        return self.module.num_params()
+
+
+def _gradient_sync(model: torch.nn.Module, sync: bool):
+    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of an accumulation."""
+    if hasattr(model, "no_sync"):  # DDP
+        return nullcontext() if sync else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    return nullcontext()
 
 
 def _has_split(layout: RunLayout, split: str) -> bool:
@@ -225,16 +264,22 @@ def _has_split(layout: RunLayout, split: str) -> bool:
     return manifest["splits"].get(split, {}).get("sequences", 0) > 0
 
 
-def _report_with_checkpoint(metrics: dict, rank: int, state: dict, tokenizer_model: Path) -> None:
-    """Every rank calls report (it is a barrier); rank 0 attaches the checkpoint (DDP replicas are identical)."""
+def _report_with_checkpoint(metrics: dict, model, optimizer, trainer_state: dict, rank: int, tokenizer_model: Path,
+                            t: TrainConfig) -> None:
+    """Every rank writes its DCP shards to a local folder and reports it; Ray Train merges them into one checkpoint
+    folder in storage (in the background when async_checkpoint) and keeps the newest keep_checkpoints of them."""
     import ray.train
+    from ray.train import CheckpointUploadMode
 
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(Path(d), state, tokenizer_model)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    d = Path(tempfile.mkdtemp(prefix=f"athanor-ckpt-{trainer_state['step']}-"))
+    save_checkpoint(d, model, optimizer, trainer_state, rank, tokenizer_model)
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(str(d)),
+        checkpoint_dir_name=f"checkpoint_{trainer_state['step']:08d}",
+        checkpoint_upload_mode=CheckpointUploadMode.ASYNC if t.async_checkpoint else CheckpointUploadMode.SYNC,
+        delete_local_checkpoint_after_upload=True,
+    )
 
 
 def run_training(cfg: AthanorConfig, layout: RunLayout, mlflow_run_id: str | None, mlflow_uri: str | None):
@@ -242,20 +287,25 @@ def run_training(cfg: AthanorConfig, layout: RunLayout, mlflow_run_id: str | Non
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from athanor import storage
+
     t = cfg.train
     for world in range(t.min_workers or t.num_workers, t.num_workers + 1):
-        grad_accum_steps(t, world)  # fail fast on a batch that some allowed worker count cannot split
-    layout.checkpoints.mkdir(parents=True, exist_ok=True)
+        grad_accum_steps(t, world // t.tp_size)  # fail fast on a batch that some allowed worker count cannot split
+    storage.makedirs(layout.checkpoints)
+    storage_path, storage_filesystem = storage.ray_storage(layout.checkpoints)  # s3:// and gs:// too
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "workdir": str(layout.root),
                            "mlflow_run_id": mlflow_run_id, "mlflow_uri": mlflow_uri},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=(t.min_workers, t.num_workers) if t.min_workers else t.num_workers,
-                                     use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
+                                     use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker},
+                                     elastic_resize_monitor_interval_s=t.resize_interval_s),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=str(layout.checkpoints),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(t.cpus_per_worker)}},
