@@ -5,6 +5,8 @@
     athanor quality train CONFIG                  train the fastText quality classifier alone
     athanor generate --checkpoint PATH --prompt "..."       sample from a trained checkpoint (KV cache)
     athanor export --checkpoint PATH --format hf --out DIR  a LlamaForCausalLM folder for transformers
+    athanor submit CONFIG --address http://HEAD:8265        the same run as a Ray job on a cluster
+    athanor jobs status|logs|stop|list [JOB_ID]             follow and control submitted jobs
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run workdir (newest checkpoint)")
     exp.add_argument("--format", choices=["hf"], default="hf")
     exp.add_argument("--out", required=True, help="output folder")
+
+    from .submit import add_parsers
+
+    add_parsers(sub)
     return ap
 
 
@@ -136,6 +142,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _generate(args)
     if args.command == "export":
         return _export(args)
+    if args.command in ("submit", "jobs"):
+        from .submit import SubmitError, run_command
+
+        try:
+            return run_command(args)
+        except SubmitError as err:
+            raise UserError(str(err)) from None
     cfg = load_config(args.config, args.overrides)
     if args.command == "quality":
         from athanor.layout import RunLayout

@@ -1,0 +1,157 @@
+"""`athanor submit` against a real Ray head on loopback: the smoke pipeline runs as a Ray job, to SUCCEEDED.
+
+The head is `ray start --head` with its dashboard/job server on 127.0.0.1 (tests/ray_head.py); the job ships the
+project without data or outputs, reads its inputs from absolute paths (a shared filesystem, as on one machine),
+logs to a real `mlflow server` on loopback and writes its outputs where run.workdir says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from cli_runner import ROOT
+from mlflow.tracking import MlflowClient
+from ray_head import free_port, ray_head
+
+pytestmark = pytest.mark.slow
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def mlflow_url(tmp_path_factory):
+    """A real `mlflow server` on loopback, SQLite backend, artifacts proxied to a local folder."""
+    root = tmp_path_factory.mktemp("mlflow-submit")
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("mlflow server did not become healthy") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def head():
+    """The head runs with Ray's token auth, as a cluster should; the CLI (and this test) hold the token."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "token")
+        mp.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+        with ray_head(num_cpus=2, env=env) as h:
+            yield h
+
+
+def _data_overrides(data_dir: Path) -> list[str]:
+    """The smoke config's inputs as absolute paths: the job's working_dir carries no data/."""
+    q = data_dir / "quality"
+    high = ",".join(str(q / "high" / n) for n in ("lee_background.txt", "alice29.txt", "lcet10.txt", "plrabn12.txt"))
+    return [f"data.html_dirs=[{data_dir / 'html' / 'news'}]", f"data.warc_files=[{data_dir / 'warc' / 'iana.warc.gz'}]",
+            f"curate.langid.model_path={data_dir / 'models' / 'lid.176.ftz'}",
+            f"curate.url_filter.blocklist_dir={data_dir / 'blocklists'}",
+            f"curate.quality.high=[{high}]", f"curate.quality.low=[{q / 'low' / 'sms.txt'}]"]
+
+
+def _athanor(*args, timeout=900, env=None):
+    """`python -m athanor.cluster.cli ARGS` as a user runs it, with this test's environment (plus env)."""
+    full = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    full.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "athanor.cluster.cli", *args], cwd=ROOT, env=full,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_submit_smoke_pipeline_to_a_ray_head(head, mlflow_url, data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    overrides = [f"run.workdir={workdir}", "run.name=submitted-smoke", f"mlflow.tracking_uri={mlflow_url}",
+                 "mlflow.experiment=athanor-submit", f"train.max_steps={STEPS}", "train.eval_every=10",
+                 "train.checkpoint_every=10", *_data_overrides(data_dir)]
+    sets = [a for o in overrides for a in ("--set", o)]
+    t0 = time.monotonic()
+    proc = _athanor("submit", "configs/smoke.yaml", *sets, "--address", head.dashboard_url, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = re.search(r"submitted job (\S+)", proc.stdout).group(1)
+    assert f"athanor jobs logs {job_id} --follow --address {head.dashboard_url}" in proc.stdout
+
+    proc = _athanor("jobs", "status", job_id, "--address", head.dashboard_url, "--wait", "--timeout", "840")
+    logs = _athanor("jobs", "logs", job_id, "--address", head.dashboard_url, timeout=120).stdout
+    assert proc.returncode == 0, proc.stdout + proc.stderr + logs[-6000:]
+    assert f"{job_id}: SUCCEEDED" in proc.stdout
+    print(f"job {job_id} succeeded in {time.monotonic() - t0:.1f} s")
+
+    # The final report of `athanor run` reached the job's log.
+    assert "curation (documents in -> kept, dropped by reason):" in logs
+    assert re.search(r"training loss: first [\d.]+ -> last [\d.]+", logs)
+    run_id = re.search(r"MLflow run id: (\w+)", logs).group(1)
+    assert f"open {mlflow_url}" in logs
+
+    # Outputs under run.workdir.
+    assert (workdir / "manifest.json").is_file() and (workdir / "stats" / "curation.json").is_file()
+    assert (workdir / "tokenizer" / "tokenizer.model").is_file()
+    assert any((workdir / "checkpoints").rglob("tokenizer.model"))  # checkpoints carry their tokenizer
+
+    # One MLflow run, named after run.name, with the training metrics of every step.
+    client = MlflowClient(mlflow_url)
+    exp = client.get_experiment_by_name("athanor-submit")
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert runs[0].info.run_name == "submitted-smoke"
+    assert runs[0].info.status == "FINISHED" or runs[0].info.status == "RUNNING"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, STEPS + 1))
+    assert runs[0].data.params["train.max_steps"] == str(STEPS)
+
+    # The job record: the project went up as a working_dir package, with the run name as metadata.
+    req = urllib.request.Request(f"{head.dashboard_url}/api/jobs/{job_id}",
+                                 headers={"x-ray-authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"})
+    info = json.load(urllib.request.urlopen(req, timeout=30))
+    assert info["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")
+    assert info["metadata"]["athanor.run_name"] == "submitted-smoke"
+    assert info["entrypoint"].startswith("python -m athanor.cluster.cli run configs/smoke.yaml --set")
+
+
+def test_jobs_errors_are_one_line_and_exit_2(head, tmp_path):
+    for args in (["jobs", "status", "raysubmit_doesnotexist", "--address", head.dashboard_url],
+                 ["jobs", "logs", "raysubmit_doesnotexist", "--address", head.dashboard_url],
+                 ["jobs", "stop", "raysubmit_doesnotexist", "--address", head.dashboard_url]):
+        proc = _athanor(*args, timeout=120)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"athanor: error: no job raysubmit_doesnotexist on {head.dashboard_url}")
+    closed = f"http://127.0.0.1:{free_port()}"
+    proc = _athanor("jobs", "status", "x", "--address", closed, timeout=120)
+    assert proc.returncode == 2 and f"cannot reach the Ray job server at {closed}" in proc.stderr
+    proc = _athanor("jobs", "list", "--address", head.dashboard_url, env={"RAY_AUTH_MODE": "disabled"}, timeout=120)
+    assert proc.returncode == 2 and f"the Ray job server at {head.dashboard_url} wants a token" in proc.stderr
+    proc = _athanor("submit", "configs/smoke.yaml", "--address", head.dashboard_url, timeout=120)
+    assert proc.returncode == 2 and "run.workdir 'runs/smoke' is relative" in proc.stderr
+    proc = _athanor("submit", "configs/smoke.yaml", "--set", f"run.workdir={tmp_path}", "--env", "ATHANOR_UNSET_VAR",
+                    "--address", head.dashboard_url, timeout=120)
+    assert proc.returncode == 2 and "--env ATHANOR_UNSET_VAR: not set" in proc.stderr
