@@ -1,4 +1,4 @@
-"""The curation DAG: filter -> exact_dedup -> near_dedup -> quality, then curated/final.
+"""The curation DAG: filter -> dedup (exact, then near) -> quality, then curated/final.
 
 `filter` is the reader and the row-wise stages extract -> url_filter -> langid -> heuristics -> c4 -> fineweb ->
 pii fused into one Ray Data map (see filters.py); each of them still gets its own stats/<stage>.json and funnel
@@ -18,6 +18,8 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.data.context import ShuffleStrategy
 
@@ -27,17 +29,18 @@ from athanor.layout import RunLayout
 from athanor.pipelines.commit import (clear_stale, commit_shards, commit_stage, committed_files, finished_shards,
                                       num_shards, only_unfinished, shard_counts, stage_marker)
 from athanor.pipelines.dedup import mark_exact_duplicates
-from athanor.pipelines.filters import READ, filter_batch, row_stages, split_stats
+from athanor.pipelines.filters import READ, filter_batch, reason_owners, row_stages
 from athanor.pipelines.minhash import mark_near_duplicates_stage
 from athanor.pipelines.quality import (QualityScorer, local_model, model_is_current, model_path,
                                        train_quality_classifier)
 from athanor.pipelines.read import list_files, list_html_files, read_crawl
 from athanor.pipelines.report import write_report
-from athanor.pipelines.stats import kept_rows, reason_counts, stage_stats, write_json
+from athanor.pipelines.stats import REASON, kept_rows, reason_counts, stage_stats, write_json
 
 Stage = Callable[[ray.data.Dataset | None], ray.data.Dataset]
 FINAL = "final"
 FILTER = "filter"
+DEDUP, EXACT_DEDUP, NEAR_DEDUP = "dedup", "exact_dedup", "near_dedup"
 # Stages that turn each row into one row with the same doc_id: resumed, they read only their unfinished ranges.
 PER_DOCUMENT_STAGES = frozenset({"quality"})
 
@@ -60,6 +63,34 @@ def filter_stage(cfg: AthanorConfig) -> Stage:
     return lambda _: read_stage(cfg).map_batches(filter_batch, fn_kwargs={"cfg": cfg.curate}, batch_format="pyarrow")
 
 
+def _with_near_dup_of(batch: pa.Table) -> pa.Table:
+    """Exact duplicates in near-dedup's output shape: `near_dup_of` (null) before `drop_reason`."""
+    return batch.add_column(batch.schema.get_field_index(REASON), "near_dup_of", pa.nulls(batch.num_rows, pa.string()))
+
+
+def dedup_stage(cfg: AthanorConfig, layout: RunLayout) -> Stage:
+    """Exact dedup, then MinHash near-dedup of the exact survivors, as one Ray stage (one commit): the exact
+    duplicates come out as marked, the rest as near-dedup marks them; stats split by reason."""
+    d = cfg.curate.dedup
+
+    def run(ds: ray.data.Dataset) -> ray.data.Dataset:
+        if not d.minhash:
+            return mark_exact_duplicates(ds, d.shuffle_partitions)
+        if not d.exact:
+            return mark_near_duplicates_stage(ds, d, layout)
+        exact = mark_exact_duplicates(ds, d.shuffle_partitions).materialize()
+        duplicates = exact.map_batches(_only_dropped, batch_format="pyarrow").map_batches(_with_near_dup_of,
+                                                                                           batch_format="pyarrow")
+        near = mark_near_duplicates_stage(exact.map_batches(kept_rows, batch_format="pyarrow"), d, layout)
+        return duplicates.union(near)
+
+    return run
+
+
+def _only_dropped(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_valid(batch[REASON]))
+
+
 def curation_stages(cfg: AthanorConfig, layout: RunLayout) -> list[tuple[str, Stage]]:
     """Near FineWeb's order: the URL block list, language ID, Gopher's rules, C4's line cleaning (which rewrites
     `text`), then FineWeb's rules, which read the cleaned lines (all fused into `filter`). PII masking runs last
@@ -68,10 +99,8 @@ def curation_stages(cfg: AthanorConfig, layout: RunLayout) -> list[tuple[str, St
     pages cost one extraction each.)"""
     c = cfg.curate
     stages: list[tuple[str, Stage]] = [(FILTER, filter_stage(cfg))]
-    if c.dedup.exact:
-        stages.append(("exact_dedup", lambda ds: mark_exact_duplicates(ds, c.dedup.shuffle_partitions)))
-    if c.dedup.minhash:
-        stages.append(("near_dedup", lambda ds: mark_near_duplicates_stage(ds, c.dedup, layout)))
+    if c.dedup.exact or c.dedup.minhash:
+        stages.append((DEDUP, dedup_stage(cfg, layout)))
     if c.quality.enabled:
         model = str(model_path(layout))
         stages.append(("quality", lambda ds: ds.map_batches(QualityScorer, fn_constructor_args=(model, c.quality),
@@ -80,13 +109,39 @@ def curation_stages(cfg: AthanorConfig, layout: RunLayout) -> list[tuple[str, St
 
 
 def reported_stages(name: str, cfg: AthanorConfig) -> tuple[str, ...]:
-    """The stages a Ray stage reports stats for: the reader and the fused row-wise stages for `filter`, else itself."""
-    return (READ, *row_stages(cfg.curate)) if name == FILTER else (name,)
+    """The stages a Ray stage reports stats for: the reader and the fused row-wise stages for `filter`, exact and
+    near dedup for `dedup`, else itself."""
+    d = cfg.curate.dedup
+    if name == FILTER:
+        return (READ, *row_stages(cfg.curate))
+    if name == DEDUP:
+        return tuple(s for s, on in ((EXACT_DEDUP, d.exact), (NEAR_DEDUP, d.minhash)) if on)
+    return (name,)
+
+
+def split_stats(stages: tuple[str, ...], counts: Counter, owners: dict[str, str], rest: str | None = None
+                ) -> list[dict]:
+    """Per-stage stats of fused stages from their reason counts (None = kept), each reason counted for its owner
+    (`rest` owns the reasons `owners` does not name): stage i's `in` is what stage i-1 kept."""
+    unknown = [r for r in counts if r is not None and r not in owners]
+    if unknown and rest is None:
+        raise ValueError(f"drop reasons {sorted(unknown)} belong to none of the stages {list(stages)}")
+    owners = owners | dict.fromkeys(unknown, rest)
+    docs, out = sum(counts.values()), []
+    for stage in stages:
+        dropped = Counter({r: n for r, n in counts.items() if r is not None and owners[r] == stage})
+        kept = docs - sum(dropped.values())
+        out.append(stage_stats(stage, dropped + Counter({None: kept})))
+        docs = kept
+    return out
 
 
 def _stats(name: str, counts: Counter, cfg: AthanorConfig) -> list[dict]:
+    stages = reported_stages(name, cfg)
     if name == FILTER:
-        return split_stats(reported_stages(name, cfg), counts, cfg.curate)
+        return split_stats(stages, counts, reason_owners(stages[1:], cfg.curate), rest=READ)
+    if name == DEDUP:
+        return split_stats(stages, counts, {"exact_duplicate": EXACT_DEDUP, "near_duplicate": NEAR_DEDUP})
     return [stage_stats(name, counts)]
 
 

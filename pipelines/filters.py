@@ -17,7 +17,6 @@ counts are left.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from functools import partial
 
@@ -26,7 +25,7 @@ import pyarrow.compute as pc
 
 from athanor.config import CurateConfig
 from athanor.pipelines import c4, extract, fineweb, heuristics, langid, pii, urlfilter
-from athanor.pipelines.stats import REASON, stage_stats
+from athanor.pipelines.stats import REASON
 
 ROW_STAGES = ("extract", "url_filter", "langid", "heuristics", "c4", "fineweb", "pii")
 READ = "read"  # the reader: its rows come in already marked, with reasons of its own (see read.py)
@@ -55,25 +54,6 @@ def reason_owners(stages: tuple[str, ...], c: CurateConfig) -> dict[str, str]:
                 raise ValueError(f"drop reason {reason!r} is given by both {owners[reason]} and {stage}")
             owners[reason] = stage
     return owners
-
-
-def split_stats(stages: tuple[str, ...], counts: Counter, c: CurateConfig) -> list[dict]:
-    """Per-stage stats of a fused run from its reason counts (None = kept): stage i's `in` is what i-1 kept.
-    `stages` may start with the reader, which owns every reason no filter gives."""
-    filters = stages[1:] if stages[0] == READ else stages
-    owners = reason_owners(filters, c)
-    unknown = [r for r in counts if r is not None and r not in owners]
-    if stages[0] == READ:
-        owners |= dict.fromkeys(unknown, READ)
-    elif unknown:
-        raise ValueError(f"drop reasons {sorted(unknown)} belong to none of the stages {list(stages)}")
-    docs, out = sum(counts.values()), []
-    for stage in stages:
-        dropped = Counter({r: n for r, n in counts.items() if r is not None and owners[r] == stage})
-        kept = docs - sum(dropped.values())
-        out.append(stage_stats(stage, dropped + Counter({None: kept})))
-        docs = kept
-    return out
 
 
 class FilterChain:
