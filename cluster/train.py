@@ -134,6 +134,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from athanor.model.flops import flops_per_token
     from athanor.pipelines.shards import TokenShards
 
+    started = time.time()  # with the first step's record: how a (re)start's time splits
     cfg = AthanorConfig.model_validate(config["cfg"])
     layout = RunLayout.from_workdir(config["workdir"]).on_this_node()  # local files: a URI's node-local copy
     t = cfg.train
@@ -152,7 +153,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     step, loader_state = 0, None
     checkpoint = ray.train.get_checkpoint()
-    restore_s = 0.0
+    restore_started, restore_s = time.time(), 0.0
     if checkpoint is not None:
         t_restore = time.perf_counter()
         with checkpoint.as_directory() as d:
@@ -198,8 +199,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         metrics = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
                    "world_size": world, "dp_size": dp, "grad_accum_steps": accum, "step": step}
-        if first_step:  # recovery cost, split: restore (checkpoint load) and warm-up (the first step)
-            metrics.update({"restore_s": restore_s, "first_step_s": dt})
+        recovery = {}
+        if first_step:  # what a (re)start cost: set-up until the checkpoint load, the load, the first step
+            recovery = {"setup_s": restore_started - started, "restore_s": restore_s, "first_step_s": dt}
+            metrics.update(recovery)
             first_step = False
         if device.type == "cuda":
             metrics["mfu"] = flops_per_step / dt / (world * t.peak_tflops * 1e12)
@@ -207,7 +210,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ids = _gather_sample_ids(batch["sample_ids"].to(device), t.tp_size)
             if rank == 0:  # a step replayed after a failure appends again: the last record of a step counts
                 _append_jsonl(samples_log, {"step": step, "world_size": world, "loss": step_loss, "lr": lr,
-                                            "sample_ids": ids, "time": time.time()})
+                                            "sample_ids": ids, "time": time.time(),
+                                            **({"started": started, **recovery} if recovery else {})})
         if val_data is not None and (step % t.eval_every == 0 or step == t.max_steps):
             val_loss = evaluate(model, val_data, dp_rank, dp, t, device)
             if val_loss is not None:

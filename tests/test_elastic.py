@@ -1,0 +1,82 @@
+"""Elastic training on a real multi-node Ray cluster (`ray.cluster_utils.Cluster`: a head and worker nodes as separate
+raylets on this machine). The group grows when a node joins, shrinks when it leaves, and a killed driver relaunched
+with the same run name resumes; in each case every step trains in effect once, on the samples and with the loss of
+an uninterrupted run, and MLflow holds one run with one continuous step axis."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from cli_runner import ROOT
+from training_runs import (assert_same_training, effective_steps, finish, fresh_training_dir, records, running,
+                           start_train, wait_for)
+
+from athanor.config import load_config
+
+SMOKE = load_config(ROOT / "configs" / "smoke.yaml")
+CHECKPOINT_EVERY = 50  # denser than the smoke run's, so each phase of a test reaches a checkpoint quickly
+
+
+def _world_sizes(work) -> list[int]:
+    """The world size of each stretch of training, in order: [1, 2, 1] for grow then shrink."""
+    sizes = [r["world_size"] for r in records(work)]
+    return [w for i, w in enumerate(sizes) if i == 0 or w != sizes[i - 1]]
+
+
+@pytest.fixture
+def one_cpu_cluster():
+    """A head node with room for one training worker (1 CPU); tests add and remove nodes."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_group_grows_when_a_node_joins_and_shrinks_when_it_leaves(smoke_run, one_cpu_cluster, tmp_path):
+    baseline, _ = smoke_run
+    work = fresh_training_dir(baseline, tmp_path / "run")
+    elastic = [f"cluster.address={one_cpu_cluster.address}", "train.min_workers=1", "train.num_workers=2",
+               "train.resize_interval_s=2", f"train.checkpoint_every={CHECKPOINT_EVERY}"]
+    with running(start_train(work, *elastic)) as proc:
+        wait_for(lambda: max(effective_steps(work), default=0) >= CHECKPOINT_EVERY + 5, proc, 300,
+                 "one worker to pass a checkpoint")
+        assert _world_sizes(work) == [1], "the group did not start with the one worker that fits"
+        node = one_cpu_cluster.add_node(num_cpus=1)
+        grown = wait_for(lambda: [r for r in records(work) if r["world_size"] == 2], proc, 180, "the group to grow")
+        wait_for(lambda: max(r["step"] for r in records(work) if r["world_size"] == 2)
+                 >= grown[0]["step"] + CHECKPOINT_EVERY + 5, proc, 300, "two workers to pass a checkpoint")
+        one_cpu_cluster.remove_node(node)
+    finish(proc)
+
+    assert _world_sizes(work) == [1, 2, 1]
+    assert effective_steps(work)[SMOKE.train.max_steps]["world_size"] == 1
+    assert_same_training(work, baseline)
+
+
+@pytest.mark.slow
+def test_killed_driver_relaunched_with_the_same_name_resumes_into_the_same_mlflow_run(smoke_run, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    baseline, _ = smoke_run
+    work = fresh_training_dir(baseline, tmp_path / "run")
+    with running(start_train(work)) as proc:
+        wait_for(lambda: max(effective_steps(work), default=0) >= SMOKE.train.checkpoint_every + 5, proc, 400,
+                 "a checkpoint")
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started: the driver's machine is gone
+        proc.wait()
+    killed_at = max(effective_steps(work))
+    finish(start_train(work))
+
+    starts = [r["step"] for r in records(work) if "started" in r]  # the first step of each launch
+    assert starts == [1, SMOKE.train.checkpoint_every + 1] and killed_at > starts[1], (starts, killed_at)
+    assert_same_training(work, baseline)
+
+    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    loss = client.get_metric_history(runs[0].info.run_id, "loss")
+    assert sorted({m.step for m in loss}) == list(range(1, SMOKE.train.max_steps + 1))
