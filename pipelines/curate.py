@@ -12,10 +12,11 @@ stats/report.html shows the result.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pyarrow as pa
@@ -55,6 +56,20 @@ def read_stage(cfg: AthanorConfig) -> ray.data.Dataset:
     ds = read_crawl(cfg.data)
     ds.context.shuffle_strategy = ShuffleStrategy(cfg.curate.shuffle_strategy)
     return ds
+
+
+@contextlib.contextmanager
+def _unsplit_reads() -> Iterator[None]:
+    """By default Ray Data splits reads until blocks are ~1 MiB (up to 200 of them); every later stage then pays one
+    task per block in each map, shuffle and count, which on a small corpus costs more than the work. While curating,
+    reads keep Ray's other floor only: two blocks per CPU, or one per read task (file) if more. Ray's optimizer
+    reads this from the driver's current DataContext, not the dataset's, hence the (restored) global setting."""
+    ctx = ray.data.DataContext.get_current()
+    before, ctx.read_op_min_num_blocks = ctx.read_op_min_num_blocks, 1
+    try:
+        yield
+    finally:
+        ctx.read_op_min_num_blocks = before
 
 
 def filter_stage(cfg: AthanorConfig) -> Stage:
@@ -230,7 +245,11 @@ def run_curation(cfg: AthanorConfig, layout: RunLayout) -> dict:
     the one output that differs between runs)."""
     if cfg.curate.quality.enabled and not model_is_current(cfg, layout):
         train_quality_classifier(cfg, layout)
-    stages = curation_stages(cfg, layout)
+    with _unsplit_reads():
+        return _curate(cfg, layout, curation_stages(cfg, layout))
+
+
+def _curate(cfg: AthanorConfig, layout: RunLayout, stages: list[tuple[str, Stage]]) -> dict:
 
     per_stage, seconds, commits = [], {}, []
     ds, docs_in, previous, upstream = None, None, None, _run_key(cfg, layout)
