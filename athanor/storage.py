@@ -240,6 +240,10 @@ def upload(local: Path, where: Location) -> None:
         return
     fs, path = filesystem(where)
     pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    if Path(local).resolve() == cached(where).resolve():  # the cache copy is current: fetch need not download it
+        mtime = fs.get_file_info(path).mtime_ns
+        if mtime is not None:
+            os.utime(local, ns=(mtime, mtime))
 
 
 def cache_dir() -> Path:
@@ -261,31 +265,42 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _same(local: Path, info: pafs.FileInfo) -> bool:
+    """rsync's quick check: the cache copy has the remote file's size and modification time."""
+    if not local.is_file() or info.mtime_ns is None:
+        return False
+    st = local.stat()
+    return st.st_size == info.size and st.st_mtime_ns == info.mtime_ns
+
+
 def fetch(where: Location, sha256: str | None = None) -> Path:
     """A local copy of a file: the file itself when local, else its cache copy, downloaded unless the copy already
-    has `sha256`. The download lands under a name unique to this process, then is renamed into place, so workers on
-    one node can fetch the same file at once. The caller checks the sha256 of what came down."""
+    has `sha256` (or, without one, the remote size and modification time). The download lands under a name unique
+    to this process, then is renamed into place, so workers on one node can fetch the same file at once."""
     if isinstance(where, Path):
         return where
     local = cached(where)
     if sha256 is not None and local.is_file() and file_sha256(local) == sha256:
         return local
+    fs, path = filesystem(where)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"no such file: {where}")
+    if sha256 is None and _same(local, info):
+        return local
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
-    fs, path = filesystem(where)
-    try:
-        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such file: {where}") from None
+    pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    if info.mtime_ns is not None:
+        os.utime(tmp, ns=(info.mtime_ns, info.mtime_ns))
     os.replace(tmp, local)
     return local
 
 
 def fetch_tree(folder: Location) -> Path:
-    """A local copy of a whole folder (the folder itself when local), refreshed from the object store."""
+    """A local copy of every file under a folder (the folder itself when local), each fetched as `fetch` does."""
     if isinstance(folder, Path):
         return folder
-    shutil.rmtree(cached(folder), ignore_errors=True)  # no file left from an older copy
     for f in glob(folder, "*", recursive=True):
         fetch(f)
     return cached(folder)

@@ -1,7 +1,8 @@
 """The thin driver behind `athanor run|curate|tokenize|train`: start or join Ray, run stages, log to MLflow.
 
 Stages communicate only through the run's working folder (`RunLayout`), so each can be re-run alone. A stage
-that finds its completion marker with the same config hash skips itself; `--force` re-runs it.
+that finds its completion marker with the same config hash skips itself; `--force` re-runs it. The folder may be
+an s3:// or gs:// URI (see athanor.storage), so that on a multi-node cluster every node reads and writes one place.
 """
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from athanor import storage
 from athanor.config import AthanorConfig
 from athanor.layout import RunLayout
+from athanor.storage import Location
 
 from . import tracking
 
@@ -32,34 +34,37 @@ def init_ray(cfg: AthanorConfig) -> None:
     """Embedded local Ray unless the config (or RAY_ADDRESS) names a cluster to join."""
     import ray
 
+    storage.use_endpoint(cfg.data.s3_endpoint_override)
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Every task and actor (commits, encoders, training workers) reaches a URI workdir with the driver's endpoint
+    # and credentials, on whichever node it runs.
+    env = storage.ray_env() if storage.is_uri(cfg.run.workdir) else {}
+    runtime_env = {"env_vars": env} if env else None
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env=runtime_env)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
 
 
-def _marker(layout: RunLayout, stage: str) -> Path:
+def _marker(layout: RunLayout, stage: str) -> Location:
     return layout.root / "stages" / f"{stage}.json"
 
 
 def _done(cfg: AthanorConfig, layout: RunLayout, stage: str) -> bool:
-    m = _marker(layout, stage)
-    return m.exists() and json.loads(m.read_text()).get("config_hash") == cfg.section_hash(*STAGE_INPUTS[stage])
+    m = storage.read_json(_marker(layout, stage))
+    return m is not None and m.get("config_hash") == cfg.section_hash(*STAGE_INPUTS[stage])
 
 
 def _mark_done(cfg: AthanorConfig, layout: RunLayout, stage: str, seconds: float) -> None:
-    m = _marker(layout, stage)
-    m.parent.mkdir(parents=True, exist_ok=True)
-    tmp = m.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"config_hash": cfg.section_hash(*STAGE_INPUTS[stage]), "seconds": seconds}))
-    tmp.replace(m)
+    payload = {"config_hash": cfg.section_hash(*STAGE_INPUTS[stage]), "seconds": seconds}
+    storage.write_text(_marker(layout, stage), json.dumps(payload))
 
 
 @dataclass
@@ -86,11 +91,11 @@ class Driver:
                                 tracking.ui_command(cfg, self.layout))
         tracking.log_artifacts(self.run_id, {"config": self._write_resolved_config()})
 
-    def _write_resolved_config(self) -> Path:
+    def _write_resolved_config(self) -> Location:
         import yaml
 
         p = self.layout.root / "config.resolved.yaml"
-        p.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+        storage.write_text(p, yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
         return p
 
     def _skip(self, stage: str) -> bool:
@@ -107,12 +112,12 @@ class Driver:
         if not self._skip("curate"):
             if self.force:  # curation resumes from its committed shards; forcing means starting from nothing
                 for folder in (self.layout.root / "curated", self.layout.quality_dir):
-                    shutil.rmtree(folder, ignore_errors=True)
+                    storage.delete_tree(folder)
             t0 = time.perf_counter()
             run_curation(self.cfg, self.layout)
             self.report.stages["curate"] = time.perf_counter() - t0
             _mark_done(self.cfg, self.layout, "curate", self.report.stages["curate"])
-        summary = json.loads(summary_path.read_text())
+        summary = json.loads(storage.read_bytes(summary_path))
         tracking.log_stage_stats(self.run_id, summary["stages"])
         tracking.log_artifacts(self.run_id, {"curation": self.layout.stats_dir,
                                              "quality": self.layout.quality_dir})
@@ -130,7 +135,7 @@ class Driver:
             pack_shards(self.cfg, self.layout)
             self.report.stages["tokenize"] = time.perf_counter() - t0
             _mark_done(self.cfg, self.layout, "tokenize", self.report.stages["tokenize"])
-        manifest = json.loads(self.layout.manifest.read_text())
+        manifest = json.loads(storage.read_bytes(self.layout.manifest))
         tracking.log_artifacts(self.run_id, {"tokenizer": self.layout.tokenizer_dir, "data": self.layout.manifest})
         self.report.manifest = manifest
         return manifest
@@ -138,7 +143,7 @@ class Driver:
     def train(self):
         from .train import run_training
 
-        manifest = json.loads(self.layout.manifest.read_text())
+        manifest = json.loads(storage.read_bytes(self.layout.manifest))
         tracking.log_dataset(self.run_id, self.layout.manifest, manifest)
         t0 = time.perf_counter()
         result = run_training(self.cfg, self.layout, self.run_id, self.report.tracking_uri)
@@ -146,9 +151,12 @@ class Driver:
         if result.error is not None:
             raise result.error
         if result.checkpoint is not None:
-            self.report.final_checkpoint = result.checkpoint.path
-            tracking.log_artifacts(self.run_id, {"checkpoint": Path(result.checkpoint.path)})
-            tracking.set_tags(self.run_id, {"checkpoint.final": result.checkpoint.path,
+            path = result.checkpoint.path  # inside the storage filesystem: a URI's path lacks its scheme
+            final = f"{self.layout.root.scheme}://{path}" if self.layout.remote else path
+            self.report.final_checkpoint = final
+            with result.checkpoint.as_directory() as local:  # downloaded for MLflow when the workdir is a URI
+                tracking.log_artifacts(self.run_id, {"checkpoint": Path(local)})
+            tracking.set_tags(self.run_id, {"checkpoint.final": final,
                                             "checkpoint.storage": str(self.layout.checkpoints)})
         return result
 

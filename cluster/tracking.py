@@ -1,7 +1,8 @@
 """MLflow tracking bound to the athanor run name, so every stage, restart and training worker logs into one run.
 
 The driver resolves the run once (looked up by name before it is created) and hands the run id to the training
-workers; only rank 0 logs from there. Without a tracking server the store is SQLite inside the run's workdir.
+workers; only rank 0 logs from there. Without a tracking server the store is SQLite inside the run's workdir; a URI
+workdir (s3://, gs://) cannot hold SQLite, so it needs `mlflow.tracking_uri` (a server every node reaches).
 """
 
 from __future__ import annotations
@@ -13,15 +14,22 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from athanor.config import AthanorConfig
+from athanor import storage
+from athanor.config import AthanorConfig, ConfigError
 from athanor.layout import RunLayout
+from athanor.storage import Location
 
 RUN_NAME_TAG = "athanor.run_name"
 log = logging.getLogger(__name__)
 
 
 def tracking_uri(cfg: AthanorConfig, layout: RunLayout) -> str:
-    return cfg.mlflow.tracking_uri or f"sqlite:///{layout.mlflow_db}"
+    if cfg.mlflow.tracking_uri:
+        return cfg.mlflow.tracking_uri
+    if layout.remote:  # a node-local SQLite would split one run across nodes: training's rank 0 may run elsewhere
+        raise ConfigError(f"run.workdir is {layout.root}: set mlflow.tracking_uri (e.g. http://<mlflow-server>:5000) "
+                         "to a store every node reaches; the default SQLite store lives only in a local workdir")
+    return f"sqlite:///{layout.mlflow_db}"
 
 
 def ui_command(cfg: AthanorConfig, layout: RunLayout) -> str:
@@ -39,6 +47,8 @@ def _experiment_id(client: MlflowClient, cfg: AthanorConfig, layout: RunLayout) 
     artifact_location = None
     if cfg.mlflow.tracking_uri is None:  # local store: keep artifacts beside it, not in the current directory
         artifact_location = layout.mlflow_artifacts.as_uri()
+    elif layout.remote:  # beside every other output of the run, in the shared bucket
+        artifact_location = str(layout.mlflow_artifacts)
     return client.create_experiment(cfg.mlflow.experiment, artifact_location=artifact_location)
 
 
@@ -48,7 +58,7 @@ def resolve_run(cfg: AthanorConfig, layout: RunLayout) -> str:
     Params are the resolved config. MLflow params are immutable, so a re-run with a changed value keeps the
     first value and records the new one as a `config_changed.<key>` tag instead of failing.
     """
-    layout.root.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(layout.root)
     uri = tracking_uri(cfg, layout)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
@@ -71,7 +81,7 @@ def resolve_run(cfg: AthanorConfig, layout: RunLayout) -> str:
     for k, v in new.items():
         if k in old and old[k] != v:
             client.set_tag(run_id, f"config_changed.{k}", v)
-    layout.mlflow_run_file.write_text(run_id + "\n")
+    storage.write_text(layout.mlflow_run_file, run_id + "\n")
     return run_id
 
 
@@ -93,12 +103,15 @@ def log_stage_stats(run_id: str, stages: list[dict]) -> None:
         mlflow.log_metrics(metrics)
 
 
-def log_artifacts(run_id: str, paths: dict[str, Path]) -> None:
-    """Log files or folders under named artifact subdirectories (e.g. {"tokenizer": dir, "data": manifest})."""
+def log_artifacts(run_id: str, paths: dict[str, Location]) -> None:
+    """Log files or folders under named artifact subdirectories (e.g. {"tokenizer": dir, "data": manifest}); files
+    of a URI workdir are logged from their node-local cache copy."""
     with mlflow.start_run(run_id=run_id):
         for artifact_path, p in paths.items():
-            p = Path(p)
-            if p.is_dir():
+            p = storage.location(p)
+            if not isinstance(p, Path):
+                _log_remote(p, artifact_path)
+            elif p.is_dir():
                 mlflow.log_artifacts(str(p), artifact_path=artifact_path)
             elif p.exists():
                 mlflow.log_artifact(str(p), artifact_path=artifact_path)
@@ -106,12 +119,26 @@ def log_artifacts(run_id: str, paths: dict[str, Path]) -> None:
                 log.warning("artifact %s not found, not logged", p)
 
 
-def log_dataset(run_id: str, manifest_path: Path, manifest: dict) -> None:
+def _log_remote(p: storage.Uri, artifact_path: str) -> None:
+    """A file or folder of a URI workdir, logged from node-local cache copies."""
+    if storage.is_file(p):
+        mlflow.log_artifact(str(storage.fetch(p)), artifact_path=artifact_path)
+        return
+    files = storage.glob(p, "*", recursive=True)
+    if not files:
+        log.warning("artifact %s not found, not logged", p)
+    for f in files:
+        sub = f.removeprefix(f"{p}/").rpartition("/")[0]
+        mlflow.log_artifact(str(storage.fetch(f)), artifact_path=f"{artifact_path}/{sub}" if sub else artifact_path)
+
+
+def log_dataset(run_id: str, manifest_path: Location, manifest: dict) -> None:
     """The token shards as the run's training input (lineage): source = the manifest, digest = its fingerprint."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    source = resolve_dataset_source(Path(manifest_path).resolve().as_uri())
+    uri = manifest_path.resolve().as_uri() if isinstance(manifest_path, Path) else str(manifest_path)
+    source = resolve_dataset_source(uri)
     dataset = MetaDataset(source, name="token-shards", digest=manifest["fingerprint"][:36])
     with mlflow.start_run(run_id=run_id):
         mlflow.log_input(dataset, context="training")
