@@ -97,11 +97,16 @@ class CheckpointError(ValueError):
 
 
 def _dcp_load(state: dict, directory: Path) -> None:
-    """dcp.load with the safe reader; DCP's CheckpointException (a BaseException) becomes a CheckpointError."""
+    """dcp.load with the safe reader; unreadable or refused metadata and DCP's CheckpointException (a BaseException)
+    become a CheckpointError with one line per cause."""
+    try:  # checked up front: DCP would log each failed attempt with a traceback before giving up
+        SafeFileSystemReader(directory).read_metadata()
+    except Exception as e:  # noqa: BLE001 - whatever a corrupt pickle raises, the answer is the same
+        raise CheckpointError(f"cannot load checkpoint {directory}: unreadable DCP metadata: {e}") from e
     try:
         dcp.load(state, storage_reader=SafeFileSystemReader(directory))
     except CheckpointException as e:
-        reasons = "; ".join(f"rank {r}: {err!r}" for r, err in e.failures.items())
+        reasons = "; ".join(f"rank {r}: {err[0] if isinstance(err, tuple) else err!r}" for r, err in e.failures.items())
         raise CheckpointError(f"cannot load checkpoint {directory}: {reasons}") from e
 
 

@@ -92,14 +92,24 @@ def _print_summary(report) -> None:
     print(f"Open it with:  {report.ui_command}")
 
 
+def _load_checkpoint(path: str):
+    """(model, model config, folder) of a checkpoint, or a one-line error (missing, tampered, unreadable)."""
+    from athanor.cluster.checkpoint import CheckpointError, load_model
+
+    try:
+        return load_model(path)
+    except CheckpointError as err:
+        raise UserError(str(err)) from None
+
+
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from athanor.cluster.checkpoint import TOKENIZER_FILE, load_model
+    from athanor.cluster.checkpoint import TOKENIZER_FILE
     from athanor.model.generate import generate
     from athanor.pipelines.tokenizer import Tokenizer
 
-    model, _, directory = load_model(args.checkpoint)
+    model, _, directory = _load_checkpoint(args.checkpoint)
     tok = Tokenizer(directory / TOKENIZER_FILE)
     prompt = [tok.bos_id] + tok.encode([args.prompt])[0]
     out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -109,10 +119,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from athanor.cluster.checkpoint import TOKENIZER_FILE, load_model
+    from athanor.cluster.checkpoint import TOKENIZER_FILE
     from athanor.model.hf_export import export_hf
 
-    model, mcfg, directory = load_model(args.checkpoint)
+    model, mcfg, directory = _load_checkpoint(args.checkpoint)
     try:
         out = export_hf(model, mcfg, directory / TOKENIZER_FILE, args.out)
     except ValueError as err:  # e.g. an MoE layout Mixtral cannot express
