@@ -146,8 +146,10 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def _fetch_newest(root: storage.Uri) -> Path:
+    """The newest checkpoint under a URI (by step), fetched into the node-local cache."""
     states = [f for f in storage.glob(root, TRAINER_STATE_FILE, recursive=True)
-              if (f.parent == root or f.parent.name.startswith("checkpoint_")) and storage.is_file(f.parent / DCP_METADATA)]
+              if (f.parent == root or f.parent.name.startswith("checkpoint_"))
+              and storage.is_file(f.parent / DCP_METADATA)]
     if not states:
         raise FileNotFoundError(f"no checkpoint ({TRAINER_STATE_FILE} + DCP {DCP_METADATA}) found in or under {root}")
     newest = max(states, key=lambda f: (storage.read_json(f)["step"], f.parent.name))

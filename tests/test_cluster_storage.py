@@ -139,8 +139,8 @@ def test_a_uri_workdir_needs_a_shared_tracking_server():
     cfg = AthanorConfig.model_validate({"run": {"workdir": f"s3://{BUCKET}/{PREFIX}"}})
     with pytest.raises(ConfigError, match="mlflow.tracking_uri"):
         tracking_uri(cfg, RunLayout.from_workdir(cfg.run.workdir))
-    with_server = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": "http://mlflow:5000"})})
-    assert tracking_uri(with_server, RunLayout.from_workdir(cfg.run.workdir)) == "http://mlflow:5000"
+    with_server = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": "http://mlf:5000"})})
+    assert tracking_uri(with_server, RunLayout.from_workdir(cfg.run.workdir)) == "http://mlf:5000"
 
 
 @pytest.mark.slow
