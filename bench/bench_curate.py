@@ -2,12 +2,15 @@
 
 Input: the 258 real news pages (data/html/news) packed as WARC response records, `--copies` times under different
 URLs (one .warc.gz per copy, so DataTrove gets one task per file as its readers expect), plus the real 2014 crawl
-data/warc/iana.warc.gz. Every copy after the first is a true duplicate of a page that survives the filters.
+data/warc/iana.warc.gz. Every copy after the first is a true duplicate of a page that survives the filters. Both
+systems read the same files; more copies mean more documents of the same kind for both, so the ratio shows how
+each scales with corpus size (athanor pays a fixed Ray cost per stage, DataTrove's cost is almost all per page).
 
     athanor   the stages of configs/demo.yaml's curation: read (fastwarc) -> extract (resiliparse) -> URL filter ->
-              langid (lid.176) -> Gopher -> C4 -> FineWeb -> PII -> exact dedup -> MinHash near-dedup (5-grams,
-              14x8) -> final sort, each stage committing Parquet shards; the quality classifier is off (DataTrove's
-              baseline has none). Run with `athanor curate`, cluster.num_cpus = 1 and 2.
+              langid (lid.176) -> Gopher -> C4 -> FineWeb -> PII, fused into one Ray Data map and one commit, then
+              exact dedup + MinHash near-dedup (5-grams, 14x8) as one stage and commit, then curated/final; the
+              quality classifier is off (DataTrove's baseline has none). Run with `athanor curate`,
+              cluster.num_cpus = 1 and 2. `--extractor trafilatura` runs athanor with DataTrove's extractor.
     DataTrove WarcReader -> Trafilatura -> GopherRepetition -> GopherQuality -> C4Quality -> FineWebQuality ->
               MinHash signature/buckets/cluster/filter (5-grams, 14x8), tasks = 1 and 2
               (../shared/bench/datatrove_baseline.py, in its own virtualenv bench/.venv-datatrove).
@@ -16,7 +19,7 @@ Throughput is input documents (WARC response records) over pipeline seconds: ath
 stats/timings.json (Ray start-up excluded), DataTrove's phase seconds (interpreter start-up excluded); wall-clock
 seconds of each whole command are printed beside them.
 
-    python bench/bench_curate.py [--copies 4]
+    python bench/bench_curate.py [--copies 12] [--extractor resiliparse|trafilatura]
 """
 
 from __future__ import annotations
@@ -77,12 +80,13 @@ def build_input(pages: Path, crawl: Path, copies: int, dest: Path) -> int:
     return copies * len(htmls) + crawl_responses
 
 
-def run_athanor(inputs: Path, cpus: int, work: Path) -> dict:
+def run_athanor(inputs: Path, cpus: int, work: Path, extractor: str = "resiliparse") -> dict:
     cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     config = {
         "run": {"name": "bench-curate", "workdir": str(work)},
         "data": {"warc_files": [str(inputs / "*.warc.gz")]},
-        "curate": {**cfg["curate"], "quality": {"enabled": False}, "write_dropped": False},
+        "curate": {**cfg["curate"], "extract": {"extractor": extractor}, "quality": {"enabled": False},
+                   "write_dropped": False},
         "cluster": {"num_cpus": cpus},
     }
     shutil.rmtree(work, ignore_errors=True)
@@ -116,7 +120,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pages", type=Path, default=ROOT / "data" / "html" / "news")
     parser.add_argument("--crawl", type=Path, default=ROOT / "data" / "warc" / "iana.warc.gz")
-    parser.add_argument("--copies", type=int, default=4, help="copies of the news pages, under different URLs")
+    parser.add_argument("--copies", type=int, default=12, help="copies of the news pages, under different URLs")
+    parser.add_argument("--extractor", choices=["resiliparse", "trafilatura"], default="resiliparse",
+                        help="athanor's extractor (DataTrove's baseline always uses trafilatura)")
     parser.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--datatrove-script", type=Path,
                         default=ROOT.parent / "shared" / "bench" / "datatrove_baseline.py")
@@ -126,11 +132,11 @@ def main() -> None:
     inputs = WORK / "input"
     docs = build_input(args.pages, args.crawl, args.copies, inputs)
     print(f"{docs} WARC response records ({args.copies} x {len(list(args.pages.glob('*.html')))} news pages + "
-          f"{args.crawl.name}) in {inputs}\n", flush=True)
+          f"{args.crawl.name}) in {inputs}; extractor: athanor {args.extractor}, DataTrove trafilatura\n", flush=True)
 
     rows = []
     for cpus in args.cpus:  # the two systems alternate at each CPU count, so machine noise hits both alike
-        rows.append(("athanor", cpus, run_athanor(inputs, cpus, WORK / f"athanor-{cpus}")))
+        rows.append(("athanor", cpus, run_athanor(inputs, cpus, WORK / f"athanor-{cpus}", args.extractor)))
         rows.append(("datatrove", cpus, run_datatrove(python, args.datatrove_script, inputs, cpus,
                                                         WORK / f"datatrove-{cpus}")))
         for name, _, r in rows[-2:]:
