@@ -21,7 +21,7 @@ class _Section(BaseModel):
 
 class RunConfig(_Section):
     name: str = "athanor-demo"
-    workdir: str = "runs/demo"  # every stage's output lives under here (local path or s3:// URI)
+    workdir: str = "runs/demo"  # every stage's output lives under here: a local/NFS path, or s3:// or gs:// URI
     seed: int = 1234
 
 
@@ -285,7 +285,7 @@ class ClusterConfig(_Section):
 
 
 class MlflowConfig(_Section):
-    tracking_uri: str | None = None  # None: sqlite store inside the run's workdir
+    tracking_uri: str | None = None  # None: sqlite store inside the run's workdir (required for a URI workdir)
     experiment: str = "athanor"
 
 
