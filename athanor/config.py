@@ -152,6 +152,9 @@ class QualityConfig(_Section):
     lr: float = 0.5
     word_ngrams: int = 2
     dim: int = 50
+    # Hash buckets for word n-grams. fastText's default (2 M) makes a 400 MB model at dim 50, which every scoring
+    # node loads and a URI workdir ships; a few thousand labelled paragraphs fill a fraction of 200 k.
+    bucket: int = Field(200_000, ge=1)
     min_chars: int = 40  # training examples are paragraphs at least this long
     valid_fraction: float = Field(0.1, gt=0.0, lt=1.0)
 

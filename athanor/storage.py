@@ -69,7 +69,7 @@ def location(where: str | Path) -> Location:
 
 @functools.lru_cache(maxsize=4)
 def s3_filesystem(endpoint: str | None) -> pafs.S3FileSystem:
-    """S3 (or an S3-compatible server at `endpoint`), credentials from the AWS_* environment only."""
+    """S3 (or an S3-compatible server at `endpoint`): keys from the AWS_* environment, else the cloud role."""
     env = os.environ
     kwargs = {"endpoint_override": endpoint} if endpoint else {}
     if region := env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):
@@ -77,8 +77,9 @@ def s3_filesystem(endpoint: str | None) -> pafs.S3FileSystem:
     if "AWS_ACCESS_KEY_ID" in env:
         kwargs.update(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env.get("AWS_SECRET_ACCESS_KEY"),
                       session_token=env.get("AWS_SESSION_TOKEN"))
-    else:
-        kwargs["anonymous"] = True  # public buckets; never the SDK's credential files
+    elif env.get("AWS_NO_SIGN_REQUEST", "").lower() in ("1", "true", "yes"):
+        kwargs["anonymous"] = True  # public buckets, as the AWS CLI's --no-sign-request
+    # else: the AWS SDK's default chain, i.e. the cloud role (EC2 instance profile, EKS IRSA web identity, ECS task)
     return pafs.S3FileSystem(**kwargs)
 
 

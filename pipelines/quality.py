@@ -100,7 +100,7 @@ def train_quality_classifier(cfg: AthanorConfig, layout: RunLayout) -> dict:
     _write_labeled(train_file, train)
     _write_labeled(valid_file, valid)
     model = fasttext.train_supervised(
-        input=str(train_file), epoch=q.epochs, lr=q.lr, wordNgrams=q.word_ngrams, dim=q.dim,
+        input=str(train_file), epoch=q.epochs, lr=q.lr, wordNgrams=q.word_ngrams, dim=q.dim, bucket=q.bucket,
         seed=cfg.run.seed, thread=1, verbose=0,  # one thread: the same data and seed give the same model
     )
     model.save_model(str(model_file))
