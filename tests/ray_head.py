@@ -36,6 +36,15 @@ class RayHead:
     temp_dir: Path
     log: Path
     proc: subprocess.Popen
+    autoscaling_config: Path | None = None  # the fake autoscaler re-reads it every second
+
+    def set_max_workers(self, node_type: str, n: int) -> None:
+        """Change a worker type's cap while the cluster runs (as capacity coming or going would)."""
+        config = json.loads(self.autoscaling_config.read_text())
+        config["available_node_types"][node_type]["max_workers"] = n
+        tmp = self.autoscaling_config.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config))
+        tmp.replace(self.autoscaling_config)
 
 
 def _wait_for_job_server(url: str, proc: subprocess.Popen, log: Path, env: dict, timeout: float) -> None:
@@ -117,6 +126,7 @@ def ray_head(num_cpus: int = 2, extra_args: list[str] | None = None, env: dict |
     head_env["RAY_TMPDIR"] = str(temp_dir)
     head_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{head_env.get('PATH', '')}"  # job's `python`
     head_env.pop("RAY_ADDRESS", None)
+    config = None
     if worker_node_types:
         config = temp_dir / "autoscaling.json"
         config.write_text(json.dumps(fake_autoscaling_config(f"127.0.0.1:{gcs_port}", num_cpus, worker_node_types,
@@ -125,7 +135,7 @@ def ray_head(num_cpus: int = 2, extra_args: list[str] | None = None, env: dict |
         head_env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=head_env, start_new_session=True)
-    head = RayHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", temp_dir, log, proc)
+    head = RayHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", temp_dir, log, proc, config)
     try:
         _wait_for_job_server(head.dashboard_url, proc, log, head_env, start_timeout)
         yield head
