@@ -1,4 +1,4 @@
-"""Encode `curated/final` in a Ray Data actor pool and pack it into fixed windows of seq_len + 1 tokens.
+"""Encode `curated/final` in Ray Data tasks and pack it into fixed windows of seq_len + 1 tokens.
 
 Each document becomes `BOS tokens EOS`: EOS teaches the model where a document ends, and BOS gives every document
 the same opening context it will see at inference (Llama-style prompts start with BOS). Documents are concatenated
@@ -9,12 +9,13 @@ doc_id, so no document lands in both. Only each split's final partial window is 
 Curation writes `curated/final` already in doc_id order (each part sorted, part-i holding the i-th doc_id range), so
 the encoded stream is put in order by reading the files in name order, not by a global sort: the sort's shuffle cost
 more than the encoding itself. The order is checked on the doc_id column first; any other input is sorted. Each
-actor reads the Parquet row groups it encodes, so no read task needs a CPU of its own and the pool can hold every
-core.
+encoding task reads the Parquet row groups it encodes, so no read task needs a CPU of its own and encoding can
+hold every core.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -48,11 +49,11 @@ ENCODE_BATCH_DOCS = 1024
 
 
 class EncodeDocuments:
-    """Ray Data class UDF: each actor loads the tokenizer once, then reads and encodes Parquet row group after row
-    group (rows of `path`, `row_group`), yielding their documents in file order, ENCODE_BATCH_DOCS at a time."""
+    """Loads the tokenizer once (per worker process, see encode_pieces), then reads and encodes Parquet row group after
+    row group (rows of `path`, `row_group`), yielding their documents in file order, ENCODE_BATCH_DOCS at a time."""
 
     def __init__(self, model_path: str, seed: int, val_fraction: float):
-        self.tokenizer = Tokenizer(model_path, num_threads=1)  # the actor holds one CPU
+        self.tokenizer = Tokenizer(model_path, num_threads=1)  # the task holds one CPU
         self.dtype = token_dtype(self.tokenizer.vocab_size)  # the shards' dtype: half the bytes to ship for uint16
         self.seed = seed
         self.val_fraction = val_fraction
@@ -146,6 +147,21 @@ class _Packer:
         }
 
 
+_ENCODERS: dict[tuple, EncodeDocuments] = {}  # this worker process's loaded tokenizer, by model and split
+
+
+def encode_pieces(pieces: pa.Table, model_path: str, model_sha256: str, seed: int, val_fraction: float
+                  ) -> Iterator[pa.Table]:
+    """Ray Data task UDF: EncodeDocuments for this model (by content) and split, built on this worker process's
+    first row group and kept for the rest. Tasks run on Ray's already started workers, where an actor pool first
+    starts a process per actor: on a small corpus that start-up was most of Ray's overhead over bare SentencePiece."""
+    key = (model_path, model_sha256, seed, val_fraction)
+    if key not in _ENCODERS:
+        _ENCODERS.clear()
+        _ENCODERS[key] = EncodeDocuments(model_path, seed, val_fraction)
+    yield from _ENCODERS[key](pieces)
+
+
 def encode_pool_size(requested: int, spare_cpu: bool) -> int:
     """At most one actor per CPU; `spare_cpu` leaves one for the sort's shuffle tasks (a pool holding every CPU can
     starve Ray Data's other tasks)."""
@@ -183,12 +199,14 @@ def encode_in_order(
     pieces = [{"path": str(f), "row_group": g} for f in files
               for g in range(pq.read_metadata(storage.open_input(f)).num_row_groups)]
     in_order = in_doc_id_order(files)
+    model_sha256 = hashlib.sha256(storage.read_bytes(storage.location(model_path))).hexdigest()
     encoded = ray.data.from_items(pieces, override_num_blocks=max(1, len(pieces))).map_batches(
-        EncodeDocuments,
-        fn_constructor_kwargs={"model_path": str(model_path), "seed": seed, "val_fraction": val_fraction},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=encode_pool_size(actors, spare_cpu=not in_order)),
+        encode_pieces,
+        fn_kwargs={"model_path": str(model_path), "model_sha256": model_sha256, "seed": seed,
+                   "val_fraction": val_fraction},
+        concurrency=encode_pool_size(actors, spare_cpu=False),  # tasks hand their CPU back: the sort cannot starve
         batch_format="pyarrow",
-        batch_size=1,  # one row group per call: the pool's actors take row groups as they free up
+        batch_size=1,  # one row group per task: idle workers take row groups as they free up
     )
     if in_order:
         ordered = encoded
