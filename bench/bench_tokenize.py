@@ -1,16 +1,16 @@
 """Tokenizer throughput: the pack stage's Ray Data encoding vs bare SentencePiece, side by side, per CPU.
 
 Bare runs encode texts already in memory, in one process, with 1 thread and with one thread per core. The Ray runs
-are the real pack path (`encode_in_order`): read the curated Parquet, encode in an actor pool (one CPU per actor,
-the tokenizer loaded once per actor) and stream the tokens to the driver in doc_id order. They include the Parquet
-read and actor start-up (a fixed cost of a second or more, reported separately as the time to the first batch, which
-the default corpus size keeps small beside the encoding). The corpus is the curated text repeated `--repeat` times,
+are the real pack path (`encode_in_order`): read the curated Parquet, encode in Ray Data tasks (one CPU each, the
+tokenizer loaded once per worker process) and stream the tokens to the driver in doc_id order. They include the
+Parquet read and worker start-up (a fixed cost of a second or more, reported separately as the time to the first
+batch, which the default corpus size keeps small beside the encoding). The corpus is the curated text repeated `--repeat` times,
 written as curation writes it (sorted, each file one doc_id range); `--unordered` adds a row with the same documents
 round-robin over the files, which sends them through the global sort instead.
 
-Each comparison is 1 CPU against 1 CPU (bare 1 thread vs a pool of 1 actor) and all cores against all cores (bare
-one thread per core vs a pool of one actor per core); on the Ray side the driver (which only collects the batches)
-and Ray's own processes share the machine with the actors. The machine may be busy, so every trial runs all methods
+Each comparison is 1 CPU against 1 CPU (bare 1 thread vs 1 encoding task at a time) and all cores against all cores
+(bare one thread per core vs one task per core); on the Ray side the driver (which only collects the batches) and
+Ray's own processes share the machine with the tasks. The machine may be busy, so every trial runs all methods
 back to back, and the table reports medians over trials, with each ratio paired with its trial's bare run.
 
     python bench/bench_tokenize.py --curated runs/demo/curated/final --tokenizer runs/demo/tokenizer/tokenizer.model
@@ -92,15 +92,15 @@ def main() -> None:
         texts = replicate(args.curated, ordered, args.repeat, args.files, ordered=True)
         methods = [  # (name, CPUs it may use, run)
             ("bare SentencePiece, 1 thread", 1, lambda: bare(args.tokenizer, texts, 1)),
-            ("Ray pool, 1 actor", 1, lambda: through_ray(args.tokenizer, ordered, 1)),
+            ("Ray tasks, 1 CPU", 1, lambda: through_ray(args.tokenizer, ordered, 1)),
         ]
         if args.unordered:
             replicate(args.curated, unordered, args.repeat, args.files, ordered=False)
-            methods.append(("Ray pool, 1 actor, unordered files", 1, lambda: through_ray(args.tokenizer, unordered, 1)))
+            methods.append(("Ray tasks, 1 CPU, unordered files", 1, lambda: through_ray(args.tokenizer, unordered, 1)))
         if cores > 1:
             methods += [
                 (f"bare SentencePiece, {cores} threads", cores, lambda: bare(args.tokenizer, texts, cores)),
-                (f"Ray pool, {cores} actors", cores, lambda: through_ray(args.tokenizer, ordered, cores)),
+                (f"Ray tasks, {cores} CPUs", cores, lambda: through_ray(args.tokenizer, ordered, cores)),
             ]
         runs: dict[str, list[tuple[int, float, float]]] = {name: [] for name, _, _ in methods}
         for _ in range(args.trials):
