@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
 import sys
 import time
@@ -20,10 +21,11 @@ from pathlib import Path
 from athanor.config import load_config
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-# gitignore patterns relative to the working_dir (Ray also honours the project's .gitignore on top of these).
-EXCLUDES = ["/data/", "/runs/", "/outputs/", "/mlruns/", "/mlartifacts/", "/.venv/", "/.git/", "/build/", "/dist/",
-            "/.whl/", "/bench/.venv-*/", "__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/", ".ruff_cache/",
-            ".mypy_cache/", ".ipynb_checkpoints/", "*.db"]
+# gitignore patterns relative to the working_dir (Ray also honours the project's .gitignore on top of these). No
+# trailing slashes: Ray matches a folder's own path without one, so "/data/" would still walk (not ship) all of data/.
+EXCLUDES = ["/data", "/runs", "/outputs", "/mlruns", "/mlartifacts", "/.venv", "/.git", "/build", "/dist", "/.whl",
+            "/bench/.venv-*", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".ruff_cache", ".mypy_cache",
+            ".ipynb_checkpoints", "*.db"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 STAGES = ("run", "curate", "tokenize", "train")
 
@@ -32,8 +34,11 @@ class SubmitError(Exception):
     """A submission or job query that cannot go on; the message is the whole story (the CLI exits 2)."""
 
 
+ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # what `ray job` reads, in its order
+
+
 def address_or_default(address: str | None) -> str:
-    return address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    return address or next((os.environ[v] for v in ADDRESS_ENV if os.environ.get(v)), DEFAULT_ADDRESS)
 
 
 def client(address: str | None):
@@ -42,6 +47,7 @@ def client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
     address = address_or_default(address)
+    saved = {v: os.environ.pop(v) for v in ADDRESS_ENV if v in os.environ}  # Ray lets them override `address`
     try:
         return JobSubmissionClient(address)
     except AuthenticationError:
@@ -50,13 +56,17 @@ def client(address: str | None):
     except (ConnectionError, ValueError) as err:
         raise SubmitError(f"cannot reach the Ray job server at {address} ({err}); is the head up and its "
                           "dashboard port (8265) forwarded to this machine?") from None
+    finally:
+        os.environ.update(saved)
 
 
 def project_dependencies(project: Path) -> list[str]:
-    """pyproject's [project] dependencies, for a runtime_env pip list."""
+    """pyproject's [project] dependencies for a runtime_env pip list, less Ray itself (the cluster's own Ray runs
+    the job; Ray's pip plugin layers the rest over it)."""
     import tomllib
 
-    return list(tomllib.loads((project / "pyproject.toml").read_text())["project"]["dependencies"])
+    deps = tomllib.loads((project / "pyproject.toml").read_text())["project"]["dependencies"]
+    return [d for d in deps if re.split(r"[\[<>=!~; ]", d, maxsplit=1)[0].strip().lower() != "ray"]
 
 
 def build_runtime_env(project: Path, env_names: list[str], pip: bool) -> dict:
@@ -173,7 +183,7 @@ def list_jobs(address: str | None) -> list[tuple[str, str, str]]:
 
 def add_parsers(sub) -> None:
     """`submit` and `jobs status|logs|stop|list` on the CLI's subparsers."""
-    addr = dict(default=None, help=f"job server, default $RAY_ADDRESS or {DEFAULT_ADDRESS}")
+    addr = {"default": None, "help": f"job server; default $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS or {DEFAULT_ADDRESS}"}
     p = sub.add_parser("submit", help="run the pipeline on a Ray cluster as a job (Ray Jobs API)")
     p.add_argument("config", help="YAML config inside the project folder (it travels with the job)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -1,8 +1,10 @@
 """`athanor submit` against a real Ray head on loopback: the smoke pipeline runs as a Ray job, to SUCCEEDED.
 
-The head is `ray start --head` with its dashboard/job server on 127.0.0.1 (tests/ray_head.py); the job ships the
-project without data or outputs, reads its inputs from absolute paths (a shared filesystem, as on one machine),
-logs to a real `mlflow server` on loopback and writes its outputs where run.workdir says.
+The head is `ray start --head` with its dashboard/job server on 127.0.0.1 and Ray's token auth on
+(tests/ray_head.py). The job ships the project without data or outputs, reads its inputs from absolute paths (a
+shared filesystem, as on one machine), logs to a real `mlflow server` on loopback and writes every output to an
+S3-compatible server on loopback (moto's). The head starts without any AWS_* variable: the credentials reach the
+job only because `athanor submit --env NAME` forwards them.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import boto3
 import pytest
 from cli_runner import ROOT
 from mlflow.tracking import MlflowClient
+from moto.server import ThreadedMotoServer
 from ray_head import free_port, ray_head
-
-pytestmark = pytest.mark.slow
 
 STEPS = 20
 
@@ -60,13 +62,34 @@ def mlflow_url(tmp_path_factory):
             proc.wait(timeout=10)
 
 
+BUCKET = "athanor-runs"
+
+
 @pytest.fixture(scope="module")
-def head():
+def s3_endpoint():
+    """moto's S3 server in this process on a free loopback port, with one bucket; credentials via the environment."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.delenv("AWS_ENDPOINT_URL", raising=False)  # the endpoint reaches the job through the config
+        url = f"http://{host}:{port}"
+        boto3.client("s3", endpoint_url=url).create_bucket(Bucket=BUCKET)
+        yield url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
     """The head runs with Ray's token auth, as a cluster should; the CLI (and this test) hold the token."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_MODE", "token")
         mp.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+        env["ATHANOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("node-cache"))  # the node-local copies of s3 files
         with ray_head(num_cpus=2, env=env) as h:
             yield h
 
@@ -89,14 +112,17 @@ def _athanor(*args, timeout=900, env=None):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_submit_smoke_pipeline_to_a_ray_head(head, mlflow_url, data_dir, tmp_path):
-    workdir = tmp_path / "run"
-    overrides = [f"run.workdir={workdir}", "run.name=submitted-smoke", f"mlflow.tracking_uri={mlflow_url}",
+@pytest.mark.slow
+def test_submit_smoke_pipeline_to_a_ray_head(head, mlflow_url, s3_endpoint, data_dir):
+    workdir = f"s3://{BUCKET}/submitted"
+    overrides = [f"run.workdir={workdir}", f"data.s3_endpoint_override={s3_endpoint}",
+                 "run.name=submitted-smoke", f"mlflow.tracking_uri={mlflow_url}",
                  "mlflow.experiment=athanor-submit", f"train.max_steps={STEPS}", "train.eval_every=10",
                  "train.checkpoint_every=10", *_data_overrides(data_dir)]
     sets = [a for o in overrides for a in ("--set", o)]
     t0 = time.monotonic()
-    proc = _athanor("submit", "configs/smoke.yaml", *sets, "--address", head.dashboard_url, timeout=300)
+    forward = [a for n in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION") for a in ("--env", n)]
+    proc = _athanor("submit", "configs/smoke.yaml", *sets, *forward, "--address", head.dashboard_url, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job_id = re.search(r"submitted job (\S+)", proc.stdout).group(1)
     assert f"athanor jobs logs {job_id} --follow --address {head.dashboard_url}" in proc.stdout
@@ -111,12 +137,20 @@ def test_submit_smoke_pipeline_to_a_ray_head(head, mlflow_url, data_dir, tmp_pat
     assert "curation (documents in -> kept, dropped by reason):" in logs
     assert re.search(r"training loss: first [\d.]+ -> last [\d.]+", logs)
     run_id = re.search(r"MLflow run id: (\w+)", logs).group(1)
+    followed = _athanor("jobs", "logs", job_id, "--follow", "--address", head.dashboard_url, timeout=120)
+    assert followed.returncode == 0 and f"MLflow run id: {run_id}" in followed.stdout  # ends with the job
     assert f"open {mlflow_url}" in logs
 
-    # Outputs under run.workdir.
-    assert (workdir / "manifest.json").is_file() and (workdir / "stats" / "curation.json").is_file()
-    assert (workdir / "tokenizer" / "tokenizer.model").is_file()
-    assert any((workdir / "checkpoints").rglob("tokenizer.model"))  # checkpoints carry their tokenizer
+    # Every output is in the bucket, under run.workdir.
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="submitted/")
+            for o in page.get("Contents", [])]
+    for key in ("manifest.json", "stats/curation.json", "stats/report.html", "tokenizer/tokenizer.model"):
+        assert f"submitted/{key}" in keys, key
+    assert any(k.startswith("submitted/shards/train/") for k in keys)
+    assert any(k.startswith("submitted/checkpoints/") and k.endswith("/tokenizer.model") for k in keys)
+    manifest = json.loads(s3.get_object(Bucket=BUCKET, Key="submitted/manifest.json")["Body"].read())
+    assert manifest["splits"]["train"]["sequences"] > 0
 
     # One MLflow run, named after run.name, with the training metrics of every step.
     client = MlflowClient(mlflow_url)
@@ -137,6 +171,7 @@ def test_submit_smoke_pipeline_to_a_ray_head(head, mlflow_url, data_dir, tmp_pat
     assert info["entrypoint"].startswith("python -m athanor.cluster.cli run configs/smoke.yaml --set")
 
 
+@pytest.mark.slow
 def test_jobs_errors_are_one_line_and_exit_2(head, tmp_path):
     for args in (["jobs", "status", "raysubmit_doesnotexist", "--address", head.dashboard_url],
                  ["jobs", "logs", "raysubmit_doesnotexist", "--address", head.dashboard_url],
@@ -148,6 +183,8 @@ def test_jobs_errors_are_one_line_and_exit_2(head, tmp_path):
     closed = f"http://127.0.0.1:{free_port()}"
     proc = _athanor("jobs", "status", "x", "--address", closed, timeout=120)
     assert proc.returncode == 2 and f"cannot reach the Ray job server at {closed}" in proc.stderr
+    proc = _athanor("jobs", "list", "--address", head.dashboard_url, env={"RAY_ADDRESS": closed}, timeout=120)
+    assert proc.returncode == 0, proc.stderr  # an explicit --address wins over $RAY_ADDRESS (Ray's client reverses it)
     proc = _athanor("jobs", "list", "--address", head.dashboard_url, env={"RAY_AUTH_MODE": "disabled"}, timeout=120)
     assert proc.returncode == 2 and f"the Ray job server at {head.dashboard_url} wants a token" in proc.stderr
     proc = _athanor("submit", "configs/smoke.yaml", "--address", head.dashboard_url, timeout=120)
@@ -155,3 +192,33 @@ def test_jobs_errors_are_one_line_and_exit_2(head, tmp_path):
     proc = _athanor("submit", "configs/smoke.yaml", "--set", f"run.workdir={tmp_path}", "--env", "ATHANOR_UNSET_VAR",
                     "--address", head.dashboard_url, timeout=120)
     assert proc.returncode == 2 and "--env ATHANOR_UNSET_VAR: not set" in proc.stderr
+
+
+def test_working_dir_leaves_out_data_outputs_and_caches():
+    """What Ray would upload for the job, walked by Ray's own packaging code with submit's excludes."""
+    from athanor.cluster.submit import EXCLUDES
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    files: list[str] = []
+    _dir_travel(ROOT, [_get_excludes(ROOT, EXCLUDES)], lambda p: files.append(p.relative_to(ROOT).as_posix()),
+                include_gitignore=True)
+    assert {"pyproject.toml", "cluster/cli.py", "pipelines/curate.py", "athanor/config.py", "configs/smoke.yaml"} <= set(
+        files)
+    assert not [f for f in files if f.split("/")[0] in ("data", "runs", ".venv", ".git", "mlruns")]
+    assert not [f for f in files if "__pycache__" in f or f.endswith((".pyc", ".db"))]
+    size = sum((ROOT / f).stat().st_size for f in files if (ROOT / f).is_file())
+    print(f"working_dir: {len(files)} paths, {size / 2**20:.1f} MiB")
+    assert size < 50 * 2**20
+
+
+def test_runtime_env_carries_only_named_variables_and_pip_without_ray(monkeypatch):
+    from athanor.cluster.submit import build_runtime_env
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-forwarded-unless-named")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "named")
+    env = build_runtime_env(ROOT, ["MLFLOW_TRACKING_PASSWORD"], pip=False)
+    assert env["env_vars"] == {"MLFLOW_TRACKING_PASSWORD": "named"} and "pip" not in env
+    assert "not-forwarded-unless-named" not in json.dumps(env)
+    assert "env_vars" not in build_runtime_env(ROOT, [], pip=False)
+    pip = build_runtime_env(ROOT, [], pip=True)["pip"]
+    assert "mlflow==3.17.2" in pip and not [d for d in pip if d.startswith("ray")]
