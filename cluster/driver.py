@@ -41,6 +41,10 @@ def init_ray(cfg: AthanorConfig) -> None:
     # Every task and actor (commits, encoders, training workers) reaches a URI workdir with the driver's endpoint
     # and credentials, on whichever node it runs.
     env = storage.ray_env() if storage.is_uri(cfg.run.workdir) else {}
+    # Inside a Ray job (athanor submit --env ...) the job's runtime_env may carry them already, and Ray refuses to
+    # merge a variable set twice, even to the same value.
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    env = {k: v for k, v in env.items() if k not in (job.get("env_vars") or {})}
     runtime_env = {"env_vars": env} if env else None
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
