@@ -144,8 +144,8 @@ def ray_head(num_cpus: int = 2, extra_args: list[str] | None = None, env: dict |
             print(f"ray head exited early ({proc.returncode}):\n{log.read_text()[-3000:]}", file=sys.stderr)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
+        try:  # `ray start --block` takes its time to wind down on SIGTERM; nothing of this head is kept anyway
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
