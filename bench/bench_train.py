@@ -5,7 +5,7 @@ for --steps optimizer steps with the same number of intra-op threads, one after 
 and interleaved so machine noise hits both. The plain loop is what a user would write by hand: the Transformer,
 the global-index loader, AdamW, gradient accumulation, clipping, the same learning-rate schedule; no Ray, no
 process group, no checkpoints, no MLflow. `athanor train` runs with its checkpoints and MLflow logging on, as a user
-runs it, in both data-parallel modes (FSDP2 on one rank, the default, and DDP, which leaves one worker unwrapped).
+runs it (one worker trains the bare model: FSDP2 or DDP over a single rank would only add overhead).
 
 Two figures per side: steady-state tokens/s (median step time after --warmup steps, from the per-step timestamps
 `train.log_sample_ids` writes) and end-to-end wall time of the command (start-up included).
@@ -64,15 +64,15 @@ def plain_loop(cfg, workdir: Path, steps: int) -> list[float]:
     return times
 
 
-def athanor_train(config: Path, workdir: Path, steps: int, mode: str, scratch: Path) -> tuple[list[float], float]:
+def athanor_train(config: Path, workdir: Path, steps: int, scratch: Path) -> tuple[list[float], float]:
     """(per-step wall times, command wall time) of `athanor train` on one worker in a fresh copy of the run folder."""
-    run = scratch / f"athanor-{mode}"
+    run = scratch / "athanor"
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir()
     for name in ("shards", "tokenizer", "manifest.json"):
         (shutil.copytree if (workdir / name).is_dir() else shutil.copy)(workdir / name, run / name)
     sets = [f"run.workdir={run}", "train.num_workers=1", "train.min_workers=null", f"train.max_steps={steps}",
-            f"train.data_parallel={mode}", "train.log_sample_ids=true", f"train.checkpoint_every={steps}",
+            "train.log_sample_ids=true", f"train.checkpoint_every={steps}",
             f"train.eval_every={steps}", "run.name=bench-train"]
     cmd = [sys.executable, "-m", "athanor.cluster.cli", "train", str(config)] + [a for s in sets for a in ("--set", s)]
     t0 = time.perf_counter()
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "demo")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if not (args.workdir / "manifest.json").exists():
         raise SystemExit(f"{args.workdir} has no token shards: run `athanor run {args.config}` first or pass --workdir")
@@ -107,11 +107,10 @@ def main() -> None:
             side = results.setdefault("plain PyTorch loop", {"step": [], "wall": []})
             side["step"] += steps[args.warmup:]
             side["wall"].append(time.perf_counter() - t0)
-            for mode in ("fsdp", "ddp"):
-                steps, wall = athanor_train(args.config, args.workdir, args.steps, mode, Path(scratch))
-                side = results.setdefault(f"athanor train, 1 worker ({mode})", {"step": [], "wall": []})
-                side["step"] += steps[args.warmup:]
-                side["wall"].append(wall)
+            steps, wall = athanor_train(args.config, args.workdir, args.steps, Path(scratch))
+            side = results.setdefault("athanor train, 1 worker", {"step": [], "wall": []})
+            side["step"] += steps[args.warmup:]
+            side["wall"].append(wall)
 
     base = statistics.median(results["plain PyTorch loop"]["step"])
     print(f"\n{args.steps} steps x {tokens_per_step} tokens, {cfg.train.cpus_per_worker} thread(s), "

@@ -232,7 +232,7 @@ def build_parallel_model(mcfg: ModelConfig, t: TrainConfig, device: torch.device
     from athanor.model.transformer import Transformer
 
     model = Transformer(mcfg).to(device)
-    if world == 1 and t.data_parallel == "ddp":
+    if world == 1:  # nothing to shard or synchronize: FSDP2 over one rank only adds DTensor overhead (bench_train.py)
         return parallelize(model, None, activation_checkpointing=t.activation_checkpointing, compile=t.compile), None
     mesh = build_mesh(device.type, world, t.tp_size)
     parallelize(model, mesh, tp=t.tp_size > 1, fsdp=t.data_parallel == "fsdp",
