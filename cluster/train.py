@@ -129,7 +129,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import mlflow
     import ray.train
     import ray.train.torch
-
     from athanor.cluster.loader import GlobalBatchLoader
     from athanor.model.flops import flops_per_token
     from athanor.pipelines.shards import TokenShards
@@ -148,7 +147,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_data = TokenShards(layout.root, "val") if _has_split(layout, "val") else None
     mcfg = model_config_for(cfg, train_data.vocab_size)
     dp, dp_rank = world // t.tp_size, rank // t.tp_size
-    model, mesh = build_parallel_model(mcfg, t, device, world)
+    model, _ = build_parallel_model(mcfg, t, device, world)
     optimizer = build_optimizer(model, t)
 
     step, loader_state = 0, None

@@ -68,6 +68,24 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server in this process, on a free loopback port; credentials go through the environment only, and
+    the endpoint reaches the code under test through the config (or what the test passes), never AWS_ENDPOINT_URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.delenv("AWS_ENDPOINT_URL", raising=False)
+        yield f"http://{host}:{port}"
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory, data_dir):
     """`athanor run configs/smoke.yaml` once per session: (workdir, stdout). Tests must not modify the workdir."""

@@ -11,7 +11,6 @@ import json
 import boto3
 import pytest
 from cli_runner import run_cli
-from moto.server import ThreadedMotoServer
 
 from athanor import storage
 from athanor.layout import RunLayout
@@ -19,21 +18,6 @@ from athanor.layout import RunLayout
 BUCKET = "athanor-runs"
 PREFIX = "smoke"
 MAX_STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """moto's S3 server in this process, on a free loopback port; credentials go through the environment only."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ACCESS_KEY_ID", "testing")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        env.delenv("AWS_ENDPOINT_URL", raising=False)  # the endpoint reaches the run through the config only
-        yield f"http://{host}:{port}"
-    server.stop()
 
 
 def _args(endpoint: str, tracking_db, *extra: str) -> list[str]:

@@ -9,28 +9,12 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from moto.server import ThreadedMotoServer
 
 from athanor.config import DataConfig
 from athanor.pipelines.read import file_rows, read_crawl
 
 BUCKET = "crawl"
 PAGES = 20
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """moto's S3 server in this process, on a free loopback port; credentials go through the environment only."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ACCESS_KEY_ID", "testing")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        env.delenv("AWS_ENDPOINT_URL", raising=False)  # the endpoint reaches the readers through the config
-        yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture(scope="module")

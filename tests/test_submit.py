@@ -24,7 +24,6 @@ import boto3
 import pytest
 from cli_runner import ROOT
 from mlflow.tracking import MlflowClient
-from moto.server import ThreadedMotoServer
 from ray_head import free_port, ray_head
 
 STEPS = 20
@@ -66,20 +65,10 @@ BUCKET = "athanor-runs"
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint():
-    """moto's S3 server in this process on a free loopback port, with one bucket; credentials via the environment."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ACCESS_KEY_ID", "testing")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        env.delenv("AWS_ENDPOINT_URL", raising=False)  # the endpoint reaches the job through the config
-        url = f"http://{host}:{port}"
-        boto3.client("s3", endpoint_url=url).create_bucket(Bucket=BUCKET)
-        yield url
-    server.stop()
+def s3_endpoint(s3_endpoint):
+    """The shared moto server (conftest), with this module's bucket."""
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
+    return s3_endpoint
 
 
 @pytest.fixture(scope="module")
