@@ -7,13 +7,13 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ray_head import free_port
 
 from athanor.cluster.checkpoint import CheckpointError, load_checkpoint, load_model, read_trainer_state, save_checkpoint
 from athanor.cluster.parallelize import build_mesh, clip_grad_norm_, parallelize
@@ -80,12 +80,6 @@ def _load_ddp(rank: int, port: int, ckpt: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def reference(data_dir):
     """One AdamW step of the same model on the whole global batch in one process."""
@@ -101,7 +95,7 @@ def reference(data_dir):
 @pytest.fixture(scope="module")
 def checkpoint_2d(reference, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt2d")
-    mp.spawn(_save_2d, args=(_free_port(), reference[0], str(out)), nprocs=4, join=True)
+    mp.spawn(_save_2d, args=(free_port(), reference[0], str(out)), nprocs=4, join=True)
     return out
 
 
@@ -120,7 +114,7 @@ def test_2d_checkpoint_loads_whole_in_one_process(reference, checkpoint_2d):
 def test_2d_checkpoint_reshards_into_two_ddp_ranks_with_optimizer_state(reference, checkpoint_2d, tmp_path):
     _, ref_model, _, ref_exp_avg = reference
     out = tmp_path / "loaded.pt"
-    mp.spawn(_load_ddp, args=(_free_port(), str(checkpoint_2d), str(out)), nprocs=2, join=True)
+    mp.spawn(_load_ddp, args=(free_port(), str(checkpoint_2d), str(out)), nprocs=2, join=True)
     loaded = torch.load(out, weights_only=True)
     assert loaded["step"] == 1
     ref_weights = dict(ref_model.named_parameters())

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import copy
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ray_head import free_port
 from torch.distributed.device_mesh import init_device_mesh
 
 from athanor.cluster.parallelize import check_tp_size, full_state, parallelize
@@ -77,16 +77,10 @@ def _worker(rank: int, port: int, text: bytes) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_tp_fsdp_and_checkpointing_match_single_process(data_dir):
     text = (data_dir / "quality/high/alice29.txt").read_bytes()
-    mp.spawn(_worker, args=(_free_port(), text), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), text), nprocs=2, join=True)
 
 
 def test_tp_refuses_sizes_that_do_not_divide_the_heads():
