@@ -32,6 +32,7 @@ from athanor.pipelines.stats import mark, write_json
 
 CLUSTER_REPORT = "near_dedup_clusters"  # stats/near_dedup_clusters.json
 MAX_HASH = np.uint32(0xFFFFFFFF)
+INITIAL_STATE = np.array([0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0], dtype=np.uint32)
 H0 = 0x67452301  # SHA-1's first initial state word
 LANES = 64  # messages hashed side by side in _sha1_one_block
 EDGE_SCHEMA = pa.schema([("doc_id", pa.string()), ("dup_of", pa.string())])  # dup_of < doc_id
@@ -65,24 +66,21 @@ def shingle_spans(normalized_texts: pa.Array | pa.ChunkedArray, ngram: int
 
 @numba.njit(cache=True, nogil=True)
 def _ngram_spans(buf, bounds, ngram):
+    longest = max(np.max(np.diff(bounds)), 0) if len(bounds) > 1 else 0
+    word_ends = np.empty(longest + 1, np.int64)  # one text's words, reused: stays in cache
     cap = max(bounds[-1] - bounds[0], 1)  # no text has more words than bytes
-    word_starts, word_ends = np.empty(cap, np.int64), np.empty(cap, np.int64)
     starts, ends = np.empty(cap, np.int64), np.empty(cap, np.int64)
     doc_offsets = np.zeros(len(bounds), np.int64)
     k = 0
     for d in range(len(bounds) - 1):
-        lo, hi, n_words = bounds[d], bounds[d + 1], 0
-        if hi > lo:
-            word_start = lo
-            for pos in range(lo, hi):
-                if buf[pos] == 32:
-                    word_starts[n_words], word_ends[n_words] = word_start, pos
-                    n_words += 1
-                    word_start = pos + 1
-            word_starts[n_words], word_ends[n_words] = word_start, hi
-            n_words += 1
-        for i in range(n_words - ngram + 1):
-            starts[k], ends[k] = word_starts[i], word_ends[i + ngram - 1]
+        lo, hi, n = bounds[d], bounds[d + 1], 0
+        for pos in range(lo, hi):  # branchless: every byte writes a candidate end, only a space keeps it
+            word_ends[n] = pos
+            n += buf[pos] == 32
+        word_ends[n] = hi
+        n_words = n + 1 if hi > lo else 0
+        for i in range(n_words - ngram + 1):  # word i starts one byte after word i-1 ends
+            starts[k], ends[k] = (lo if i == 0 else word_ends[i - 1] + 1), word_ends[i + ngram - 1]
             k += 1
         doc_offsets[d + 1] = k
     return starts[:k], ends[:k], doc_offsets
@@ -153,16 +151,26 @@ def _sha1_any_length(buf, starts, ends, idx, out):
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _rotl32(x, n):
-    return (x << np.uint32(n)) | (x >> np.uint32(32 - n))  # garbage above bit 31 is cut by the uint32 store
+    return np.uint32((x << np.uint32(n)) | (x >> np.uint32(32 - n)))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _sha1_f(t, b, c, d):
+    """SHA-1's round function for round t: choose, parity, majority, parity."""
+    if t < 20:
+        return (b & c) | (~b & d)
+    if 40 <= t < 60:
+        return (b & c) | (b & d) | (c & d)
+    return b ^ c ^ d
 
 
 @numba.njit(cache=True, nogil=True)
 def _sha1_one_block(buf, starts, ends, idx, out):
-    """Messages of at most 55 bytes (one padded block), LANES at a time: each round is a loop over lanes that LLVM
-    turns into SIMD instructions. uint32 arrays make every store wrap mod 2**32."""
+    """Messages of at most 55 bytes (one padded block), LANES at a time. The rounds go five at a time with each
+    lane's state in registers, in a loop over lanes that LLVM turns into SIMD instructions."""
     w = np.zeros((80, LANES), dtype=np.uint32)
-    a, b, c = np.empty(LANES, np.uint32), np.empty(LANES, np.uint32), np.empty(LANES, np.uint32)
-    d, e = np.empty(LANES, np.uint32), np.empty(LANES, np.uint32)
+    state = np.empty((5, LANES), np.uint32)
+    k = np.array([0x5A827999, 0x6ED9EBA1, 0x8F1BBCDC, 0xCA62C1D6], dtype=np.uint32)
     for base in range(0, len(idx), LANES):
         m = min(LANES, len(idx) - base)
         w[:16, :] = 0
@@ -178,35 +186,19 @@ def _sha1_one_block(buf, starts, ends, idx, out):
             w[15, j] = np.uint32(8 * length)
         for t in range(16, 80):
             for j in range(LANES):
-                x = w[t - 3, j] ^ w[t - 8, j] ^ w[t - 14, j] ^ w[t - 16, j]
-                w[t, j] = _rotl32(x, 1)
-        a[:] = H0
-        b[:] = 0xEFCDAB89
-        c[:] = 0x98BADCFE
-        d[:] = 0x10325476
-        e[:] = 0xC3D2E1F0
-        for t in range(0, 20):
+                w[t, j] = _rotl32(w[t - 3, j] ^ w[t - 8, j] ^ w[t - 14, j] ^ w[t - 16, j], 1)
+        for i in range(5):
+            state[i, :] = INITIAL_STATE[i]
+        for t in range(0, 80, 5):
+            kt = k[t // 20]
             for j in range(LANES):
-                aj, bj, cj, dj = a[j], b[j], c[j], d[j]
-                a[j] = _rotl32(aj, 5) + ((bj & cj) | (~bj & dj)) + e[j] + np.uint32(0x5A827999) + w[t, j]
-                e[j], d[j], c[j], b[j] = dj, cj, _rotl32(bj, 30), aj
-        for t in range(20, 40):
-            for j in range(LANES):
-                aj, bj, cj, dj = a[j], b[j], c[j], d[j]
-                a[j] = _rotl32(aj, 5) + (bj ^ cj ^ dj) + e[j] + np.uint32(0x6ED9EBA1) + w[t, j]
-                e[j], d[j], c[j], b[j] = dj, cj, _rotl32(bj, 30), aj
-        for t in range(40, 60):
-            for j in range(LANES):
-                aj, bj, cj, dj = a[j], b[j], c[j], d[j]
-                a[j] = _rotl32(aj, 5) + ((bj & cj) | (bj & dj) | (cj & dj)) + e[j] + np.uint32(0x8F1BBCDC) + w[t, j]
-                e[j], d[j], c[j], b[j] = dj, cj, _rotl32(bj, 30), aj
-        for t in range(60, 80):
-            for j in range(LANES):
-                aj, bj, cj, dj = a[j], b[j], c[j], d[j]
-                a[j] = _rotl32(aj, 5) + (bj ^ cj ^ dj) + e[j] + np.uint32(0xCA62C1D6) + w[t, j]
-                e[j], d[j], c[j], b[j] = dj, cj, _rotl32(bj, 30), aj
+                a, b, c, d, e = state[0, j], state[1, j], state[2, j], state[3, j], state[4, j]
+                for r in range(t, t + 5):  # the five share t's round function: no group crosses a multiple of 20
+                    new_a = np.uint32(_rotl32(a, 5) + _sha1_f(t, b, c, d) + e + kt + w[r, j])
+                    a, b, c, d, e = new_a, a, _rotl32(b, 30), c, d
+                state[0, j], state[1, j], state[2, j], state[3, j], state[4, j] = a, b, c, d, e
         for j in range(m):
-            h0 = np.uint32(a[j] + np.uint32(H0))
+            h0 = np.uint32(state[0, j] + np.uint32(H0))
             out[idx[base + j]] = ((h0 >> np.uint32(24)) | ((h0 >> np.uint32(8)) & np.uint32(0xFF00))
                                   | ((h0 << np.uint32(8)) & np.uint32(0xFF0000)) | (h0 << np.uint32(24)))
 
