@@ -45,16 +45,27 @@ def init_ray(cfg: AthanorConfig) -> None:
     # merge a variable set twice, even to the same value.
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
     env = {k: v for k, v in env.items() if k not in (job.get("env_vars") or {})}
-    runtime_env = {"env_vars": env} if env else None
+    runtime_env = {"env_vars": env} if env else {}
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env or None)
     else:
+        runtime_env["worker_process_setup_hook"] = "athanor.cluster.driver.quiet_placement_group_cleaner"
         ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=True,
                  runtime_env=runtime_env)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Ray worker set-up hook for the embedded local Ray, which runs without a dashboard and so without the state API.
+
+    Ray Train's placement-group cleaner asks that API whether the controller is alive, every second, and warns each
+    time it cannot: hundreds of lines in a demo. The local Ray ends with the driver, placement groups included, so
+    the check has nothing to guard here. On a cluster the hook is not installed and the warning stays.
+    """
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def _marker(layout: RunLayout, stage: str) -> Location:

@@ -1,7 +1,7 @@
 """MLflow tracking bound to the athanor run name, so every stage, restart and training worker logs into one run.
 
 The driver resolves the run once (looked up by name before it is created) and hands the run id to the training
-workers; only rank 0 logs from there. Without a tracking server the store is SQLite inside the run's workdir; a URI
+workers; only rank 0 logs from there, its per-step metrics through a `StepMetricsLogger` actor. Without a tracking server the store is SQLite inside the run's workdir; a URI
 workdir (s3://, gs://) cannot hold SQLite, so it needs `mlflow.tracking_uri` (a server every node reaches).
 """
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from athanor import storage
@@ -148,3 +149,34 @@ def set_tags(run_id: str, tags: dict[str, str]) -> None:
     client = MlflowClient(mlflow.get_tracking_uri())
     for k, v in tags.items():
         client.set_tag(run_id, k, v)
+
+
+class StepMetricsLogger:
+    """Writes training metrics to MLflow from a process of its own: a Ray actor beside the driver.
+
+    One MLflow write (SQLite or HTTP) costs ~5 ms. Made on rank 0, even from MLflow's asynchronous logging thread,
+    which holds the GIL for its Python work, it slowed a small model's step by ~20%. Rank 0 sends each step's metrics
+    here without waiting, and waits on `flush` before a checkpoint, so the steps a checkpoint covers are in MLflow
+    before it exists and a restart continues the step axis without a gap. The actor outlives training workers that
+    die; it is gone only with the driver, whose relaunch resumes from a checkpoint.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+
+    def log(self, metrics: dict[str, float], step: int, timestamp_ms: int) -> None:
+        self.client.log_batch(self.run_id, [Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items()])
+
+    def flush(self) -> None:
+        """Returns after every call sent before it: an actor runs one caller's calls in the order they were sent."""
+
+
+def start_step_metrics_logger(tracking_uri: str, run_id: str):
+    """A StepMetricsLogger actor on this (the driver's) node, where a local SQLite store lives; retried on failure."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(StepMetricsLogger)
+    return actor.options(scheduling_strategy=here).remote(tracking_uri, run_id)

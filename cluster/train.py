@@ -167,6 +167,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     flops_per_step = flops_per_token(mcfg, train_data.seq_len) * tokens_per_step
     samples_log = layout.root / "train_samples.jsonl"
     logging_rank = rank == 0 and config.get("mlflow_run_id")
+    metrics_logger = config.get("metrics_logger") if logging_rank else None
     if logging_rank:
         mlflow.set_tracking_uri(config["mlflow_uri"])
         mlflow.start_run(run_id=config["mlflow_run_id"], log_system_metrics=t.system_metrics)
@@ -215,10 +216,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             val_loss = evaluate(model, val_data, dp_rank, dp, t, device)
             if val_loss is not None:
                 metrics["val_loss"] = val_loss
-        if logging_rank and (step % t.log_every == 0 or step == t.max_steps):
-            mlflow.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
+        if metrics_logger and (step % t.log_every == 0 or step == t.max_steps):
+            metrics_logger.log.remote({k: v for k, v in metrics.items() if k != "step"}, step, int(time.time() * 1000))
 
         if step % t.checkpoint_every == 0 or step == t.max_steps:
+            if metrics_logger:  # what the checkpoint covers is in MLflow first (see StepMetricsLogger)
+                ray.get(metrics_logger.flush.remote())
             trainer_state = {"step": step, "loader": loader.state_dict(), "world_size": world, "tp_size": t.tp_size,
                              "model_config": mcfg.model_dump(mode="json")}
             _report_with_checkpoint(metrics, model, optimizer, trainer_state, rank, layout.tokenizer_model, t)
@@ -291,16 +294,19 @@ def run_training(cfg: AthanorConfig, layout: RunLayout, mlflow_run_id: str | Non
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from athanor import storage
+    from athanor.cluster.tracking import start_step_metrics_logger
 
     t = cfg.train
     for world in range(t.min_workers or t.num_workers, t.num_workers + 1):
         grad_accum_steps(t, world // t.tp_size)  # fail fast on a batch that some allowed worker count cannot split
     storage.makedirs(layout.checkpoints)
     storage_path, storage_filesystem = storage.ray_storage(layout.checkpoints)  # s3:// and gs:// too
+    metrics_logger = start_step_metrics_logger(mlflow_uri, mlflow_run_id) if mlflow_run_id else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "workdir": str(layout.root),
-                           "mlflow_run_id": mlflow_run_id, "mlflow_uri": mlflow_uri},
+                           "mlflow_run_id": mlflow_run_id, "mlflow_uri": mlflow_uri,
+                           "metrics_logger": metrics_logger},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=(t.min_workers, t.num_workers) if t.min_workers else t.num_workers,
                                      use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker},
