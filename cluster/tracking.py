@@ -1,8 +1,9 @@
 """MLflow tracking bound to the athanor run name, so every stage, restart and training worker logs into one run.
 
 The driver resolves the run once (looked up by name before it is created) and hands the run id to the training
-workers; only rank 0 logs from there, its per-step metrics through a `StepMetricsLogger` actor. Without a tracking server the store is SQLite inside the run's workdir; a URI
-workdir (s3://, gs://) cannot hold SQLite, so it needs `mlflow.tracking_uri` (a server every node reaches).
+workers; only rank 0 logs from there, its per-step metrics through a `StepMetricsLogger` actor. Without a tracking
+server the store is SQLite inside the run's workdir; a URI workdir (s3://, gs://) cannot hold SQLite, so it needs
+`mlflow.tracking_uri` (a server every node reaches).
 """
 
 from __future__ import annotations
@@ -164,12 +165,21 @@ class StepMetricsLogger:
     def __init__(self, tracking_uri: str, run_id: str):
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
+        self.failed: list[tuple[int, str]] = []  # (step, error) of writes that failed since the last flush
 
     def log(self, metrics: dict[str, float], step: int, timestamp_ms: int) -> None:
-        self.client.log_batch(self.run_id, [Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items()])
+        try:  # the MLflow client has already retried an HTTP store with backoff
+            self.client.log_batch(self.run_id, [Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items()])
+        except Exception as e:  # noqa: BLE001 - nobody waits on log(): the error is kept for flush() to raise
+            self.failed.append((step, f"{type(e).__name__}: {e}"))
 
     def flush(self) -> None:
-        """Returns after every call sent before it: an actor runs one caller's calls in the order they were sent."""
+        """Returns after every call sent before it (an actor runs one caller's calls in the order they were sent);
+        raises if any of them failed, so the checkpoint is not taken and the worker group restarts from the last."""
+        failed, self.failed = self.failed, []
+        if failed:
+            steps = [s for s, _ in failed]
+            raise RuntimeError(f"MLflow lost the metrics of {len(failed)} step(s) {steps[:5]}...: {failed[0][1]}")
 
 
 def start_step_metrics_logger(tracking_uri: str, run_id: str):

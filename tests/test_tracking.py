@@ -84,3 +84,23 @@ def test_run_is_found_again_not_duplicated(tmp_path, store, request):
     assert run.data.tags["config_changed.train.max_steps"] == str(steps + 1)  # and the change is recorded
     assert run.data.metrics["curate.read.dropped.warc_revisit"] == 3
     assert (tmp_path / "mlflow_run_id").read_text().strip() == first
+
+
+def test_step_metrics_logger_writes_each_step_and_raises_lost_ones_at_flush(tmp_path):
+    """The training metrics actor's class, in process: metrics land under their steps, and a write that fails is
+    not dropped silently (nobody waits on log()): the next flush raises it, naming the step."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("metrics-logger")).info.run_id
+    logger = tracking.StepMetricsLogger(uri, run_id)
+    for step in (1, 2, 3):
+        logger.log({"loss": 1.0 / step, "world_size": 2}, step, 1_000 * step)
+    logger.flush()
+    history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
+    assert [(m.step, m.value, m.timestamp) for m in history] == [(1, 1.0, 1000), (2, 0.5, 2000), (3, 1 / 3, 3000)]
+
+    client.delete_run(run_id)  # MLflow refuses writes to a deleted run
+    logger.log({"loss": 0.25}, 4, 4_000)
+    with pytest.raises(RuntimeError, match=r"lost the metrics of 1 step\(s\) \[4\]"):
+        logger.flush()
+    logger.flush()  # reported once; the restart that follows replays the step
