@@ -236,6 +236,9 @@ class TrainConfig(_Section):
     cpus_per_worker: int = Field(1, ge=1)
     # Seconds between Ray Train's checks for room to grow an elastic group (ScalingConfig.elastic_resize_monitor_interval_s).
     resize_interval_s: float = Field(60.0, ge=0.0)
+    # How often Ray Train's controller polls the workers (Ray's default is 2 s): a finished or dead worker is seen
+    # sooner, which ends a run ~3 s earlier and starts recovery sooner. Goes to the controller as an env variable.
+    health_check_interval_s: float = Field(0.5, gt=0.0)
     # Parallelism: workers form a (dp, tp) mesh, dp = workers / tp_size. Data parallelism is FSDP2 (fully_shard per
     # block) or DDP; tensor parallelism (tp_size > 1) needs fsdp.
     tp_size: int = Field(1, ge=1)

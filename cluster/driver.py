@@ -41,6 +41,7 @@ def init_ray(cfg: AthanorConfig) -> None:
     # Every task and actor (commits, encoders, training workers) reaches a URI workdir with the driver's endpoint
     # and credentials, on whichever node it runs.
     env = storage.ray_env() if storage.is_uri(cfg.run.workdir) else {}
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.train.health_check_interval_s)  # read by the Train controller
     # Inside a Ray job (athanor submit --env ...) the job's runtime_env may carry them already, and Ray refuses to
     # merge a variable set twice, even to the same value.
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
@@ -48,7 +49,7 @@ def init_ray(cfg: AthanorConfig) -> None:
     runtime_env = {"env_vars": env} if env else {}
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env or None)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
         runtime_env["worker_process_setup_hook"] = "athanor.cluster.driver.quiet_placement_group_cleaner"
         ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=True,
