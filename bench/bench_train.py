@@ -1,8 +1,8 @@
 """Ray Train's overhead: `athanor train` on one worker against a plain PyTorch loop, same model, data and batch.
 
 Both sides train the same config (default configs/demo.yaml's model, batch and schedule) on the same token shards
-for --steps optimizer steps with the same number of intra-op threads, one after the other, repeated --repeats times
-and interleaved so machine noise hits both. The plain loop is what a user would write by hand: the Transformer,
+for --steps optimizer steps, each in a fresh process with the same thread settings (OMP_NUM_THREADS as Ray gives a
+training worker), one after the other, repeated --repeats times and interleaved so machine noise hits both. The plain loop is what a user would write by hand: the Transformer,
 the global-index loader, AdamW, gradient accumulation, clipping, the same learning-rate schedule; no Ray, no
 process group, no checkpoints, no MLflow. `athanor train` runs with its checkpoints and MLflow logging on, as a user
 runs it (one worker trains the bare model: FSDP2 or DDP over a single rank would only add overhead).
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -64,6 +65,18 @@ def plain_loop(cfg, workdir: Path, steps: int) -> list[float]:
     return times
 
 
+def plain_loop_process(config: Path, workdir: Path, steps: int, threads: int) -> list[float]:
+    """plain_loop in a fresh process with the thread settings Ray gives a training worker (OMP_NUM_THREADS), so
+    neither side runs in a process the other does not have: in this one, the loop measured ~5% slower."""
+    cmd = [sys.executable, __file__, "--config", str(config), "--workdir", str(workdir), "--steps", str(steps),
+           "--plain-loop-json"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise SystemExit(f"plain loop failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def athanor_train(config: Path, workdir: Path, steps: int, scratch: Path) -> tuple[list[float], float]:
     """(per-step wall times, command wall time) of `athanor train` on one worker in a fresh copy of the run folder."""
     run = scratch / "athanor"
@@ -93,17 +106,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--plain-loop-json", action="store_true", help=argparse.SUPPRESS)  # the plain loop's process
     args = parser.parse_args()
     if not (args.workdir / "manifest.json").exists():
         raise SystemExit(f"{args.workdir} has no token shards: run `athanor run {args.config}` first or pass --workdir")
     cfg = load_config(args.config, [f"run.workdir={args.workdir}", "train.num_workers=1", "train.min_workers=null"])
+    if args.plain_loop_json:
+        print(json.dumps(plain_loop(cfg, args.workdir, args.steps)))
+        return
     tokens_per_step = cfg.train.global_batch_size * cfg.tokenize.seq_len
 
     results: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            steps = plain_loop(cfg, args.workdir, args.steps)
+            steps = plain_loop_process(args.config, args.workdir, args.steps, cfg.train.cpus_per_worker)
             side = results.setdefault("plain PyTorch loop", {"step": [], "wall": []})
             side["step"] += steps[args.warmup:]
             side["wall"].append(time.perf_counter() - t0)
