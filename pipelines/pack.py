@@ -204,7 +204,8 @@ def encode_in_order(
         encode_pieces,
         fn_kwargs={"model_path": str(model_path), "model_sha256": model_sha256, "seed": seed,
                    "val_fraction": val_fraction},
-        concurrency=encode_pool_size(actors, spare_cpu=False),  # tasks hand their CPU back: the sort cannot starve
+        # At most one task per CPU; tasks hand their CPU back, so the sort cannot starve.
+        compute=ray.data.TaskPoolStrategy(size=encode_pool_size(actors, spare_cpu=False)),
         batch_format="pyarrow",
         batch_size=1,  # one row group per task: idle workers take row groups as they free up
     )
