@@ -147,7 +147,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_data = TokenShards(layout.root, "val") if _has_split(layout, "val") else None
     mcfg = model_config_for(cfg, train_data.vocab_size)
     dp, dp_rank = world // t.tp_size, rank // t.tp_size
-    model, _ = build_parallel_model(mcfg, t, device, world)
+    model = build_parallel_model(mcfg, t, device, world)
     optimizer = build_optimizer(model, t)
 
     step, loader_state = 0, None
@@ -230,18 +230,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def build_parallel_model(mcfg: ModelConfig, t: TrainConfig, device: torch.device, world: int):
-    """The model on this rank, parallelized over the (dp, tp) mesh as the config says; (model, mesh or None)."""
+    """The model on this rank, parallelized over the (dp, tp) mesh of all workers as the config says."""
     from athanor.model.transformer import Transformer
 
     model = Transformer(mcfg).to(device)
     if world == 1:  # nothing to shard or synchronize: FSDP2 over one rank only adds DTensor overhead (bench_train.py)
-        return parallelize(model, None, activation_checkpointing=t.activation_checkpointing, compile=t.compile), None
+        return parallelize(model, None, activation_checkpointing=t.activation_checkpointing, compile=t.compile)
     mesh = build_mesh(device.type, world, t.tp_size)
     parallelize(model, mesh, tp=t.tp_size > 1, fsdp=t.data_parallel == "fsdp",
                 activation_checkpointing=t.activation_checkpointing, compile=t.compile)
     if t.data_parallel == "ddp":
         model = _DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model, mesh
+    return model
 
 
 class _DDP(torch.nn.parallel.DistributedDataParallel):

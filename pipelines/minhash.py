@@ -32,8 +32,7 @@ from athanor.pipelines.stats import mark, write_json
 
 CLUSTER_REPORT = "near_dedup_clusters"  # stats/near_dedup_clusters.json
 MAX_HASH = np.uint32(0xFFFFFFFF)
-INITIAL_STATE = np.array([0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0], dtype=np.uint32)
-H0 = 0x67452301  # SHA-1's first initial state word
+INITIAL_STATE = np.array([0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0], dtype=np.uint32)  # SHA-1's
 LANES = 64  # messages hashed side by side in _sha1_one_block
 EDGE_SCHEMA = pa.schema([("doc_id", pa.string()), ("dup_of", pa.string())])  # dup_of < doc_id
 STAR_SCHEMA = EDGE_SCHEMA.append(pa.field("unstable", pa.bool_())).append(pa.field("component_size", pa.int64()))
@@ -117,8 +116,8 @@ def _sha1_any_length(buf, starts, ends, idx, out):
     for i in idx:
         start, length = starts[i], ends[i] - starts[i]
         total = ((length + 8) // 64 + 1) * 64  # message + 0x80 + zero pad + 64-bit bit length
-        h0, h1, h2 = np.uint64(H0), np.uint64(0xEFCDAB89), np.uint64(0x98BADCFE)
-        h3, h4 = np.uint64(0x10325476), np.uint64(0xC3D2E1F0)
+        h0, h1, h2 = np.uint64(INITIAL_STATE[0]), np.uint64(INITIAL_STATE[1]), np.uint64(INITIAL_STATE[2])
+        h3, h4 = np.uint64(INITIAL_STATE[3]), np.uint64(INITIAL_STATE[4])
         for block in range(0, total, 64):
             for t in range(16):
                 pos = block + 4 * t
@@ -198,7 +197,7 @@ def _sha1_one_block(buf, starts, ends, idx, out):
                     a, b, c, d, e = new_a, a, _rotl32(b, 30), c, d
                 state[0, j], state[1, j], state[2, j], state[3, j], state[4, j] = a, b, c, d, e
         for j in range(m):
-            h0 = np.uint32(state[0, j] + np.uint32(H0))
+            h0 = np.uint32(state[0, j] + INITIAL_STATE[0])
             out[idx[base + j]] = ((h0 >> np.uint32(24)) | ((h0 >> np.uint32(8)) & np.uint32(0xFF00))
                                   | ((h0 << np.uint32(8)) & np.uint32(0xFF0000)) | (h0 << np.uint32(24)))
 

@@ -68,7 +68,7 @@ def _load_ddp(rank: int, port: int, ckpt: str, out: str) -> None:
     try:
         torch.manual_seed(123)  # different initial weights: everything must come from the checkpoint
         t = TRAIN.model_copy(update={"data_parallel": "ddp"})
-        model, _ = build_parallel_model(_cfg(), t, torch.device("cpu"), world=2)
+        model = build_parallel_model(_cfg(), t, torch.device("cpu"), world=2)
         optimizer = build_optimizer(model, t)
         state = load_checkpoint(ckpt, model, optimizer, rank)
         if rank == 0:
