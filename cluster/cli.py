@@ -18,6 +18,8 @@ import sys
 
 from athanor.config import ConfigError, load_config
 
+from .stop import TrainingStopped
+
 
 class UserError(Exception):
     """An error whose message is the whole story: printed without a traceback."""
@@ -187,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError, FileNotFoundError) as err:
         print(f"athanor: error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:
+        print(f"athanor: {stopped}", file=sys.stderr)
+        return stopped.exit_code
 
 
 if __name__ == "__main__":

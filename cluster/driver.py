@@ -157,15 +157,20 @@ class Driver:
         return manifest
 
     def train(self):
+        from .stop import TrainingStopped
         from .train import run_training
 
         manifest = json.loads(storage.read_bytes(self.layout.manifest))
         tracking.log_dataset(self.run_id, self.layout.manifest, manifest)
         t0 = time.perf_counter()
-        result = run_training(self.cfg, self.layout, self.run_id, self.report.tracking_uri)
+        result, stopped_by = run_training(self.cfg, self.layout, self.run_id, self.report.tracking_uri)
         self.report.stages["train"] = time.perf_counter() - t0
         if result.error is not None:
             raise result.error
+        if stopped_by:
+            raise TrainingStopped(stopped_by, f"training stopped on {stopped_by} after step {result.metrics['step']}"
+                                              f" with a checkpoint in {self.layout.checkpoints}; run the same command"
+                                              " again to resume from it")
         if result.checkpoint is not None:
             path = result.checkpoint.path  # inside the storage filesystem: a URI's path lacks its scheme
             final = f"{self.layout.root.scheme}://{path}" if self.layout.remote else path

@@ -27,6 +27,9 @@ EXCLUDES = ["/data", "/runs", "/outputs", "/mlruns", "/mlartifacts", "/.venv", "
             "/bench/.venv-*", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".ruff_cache", ".mypy_cache",
             ".ipynb_checkpoints", "*.db"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# `athanor jobs stop`: Ray's job supervisor sends the driver SIGTERM and SIGKILLs it after RAY_JOB_STOP_WAIT_TIME_S
+# (3 s by default). Training needs longer to finish its step and write a checkpoint (athanor.cluster.stop).
+STOP_WAIT_ENV, STOP_WAIT_S = "RAY_JOB_STOP_WAIT_TIME_S", 300
 STAGES = ("run", "curate", "tokenize", "train")
 
 
@@ -70,13 +73,13 @@ def project_dependencies(project: Path) -> list[str]:
 
 
 def build_runtime_env(project: Path, env_names: list[str], pip: bool) -> dict:
-    """working_dir without data or outputs; named environment variables only; pip deps on request."""
+    """working_dir without data or outputs; named environment variables only (and the stop grace period, unless
+    named); pip deps on request."""
     missing = [n for n in env_names if n not in os.environ]
     if missing:
         raise SubmitError(f"--env {', '.join(missing)}: not set in this shell, so there is nothing to forward")
     runtime_env: dict = {"working_dir": str(project), "excludes": list(EXCLUDES)}
-    if env_names:
-        runtime_env["env_vars"] = {n: os.environ[n] for n in env_names}
+    runtime_env["env_vars"] = {STOP_WAIT_ENV: str(STOP_WAIT_S), **{n: os.environ[n] for n in env_names}}
     if pip:
         runtime_env["pip"] = project_dependencies(project)
     return runtime_env

@@ -64,14 +64,17 @@ def model_config_for(cfg: AthanorConfig, vocab_size: int) -> ModelConfig:
     return m
 
 
-def _all_mean(x: torch.Tensor) -> float:
+def _step_loss_and_stop(loss: torch.Tensor, stop_requested: bool) -> tuple[float, bool]:
+    """The loss averaged over ranks, and whether any rank was asked to stop: one all-reduce carries both, so every
+    rank takes the same decision after the same step."""
     import torch.distributed as dist
 
+    x = torch.stack([loss.detach().float(), torch.tensor(float(stop_requested), device=loss.device)])
+    world = 1
     if dist.is_available() and dist.is_initialized():
-        x = x.detach().clone()
         dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return float(x)
+        world = dist.get_world_size()
+    return float(x[0]) / world, bool(x[1] > 0)
 
 
 def _gather_sample_ids(ids: torch.Tensor, tp_size: int) -> list[int]:
@@ -168,6 +171,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     samples_log = layout.root / "train_samples.jsonl"
     logging_rank = rank == 0 and config.get("mlflow_run_id")
     metrics_logger = config.get("metrics_logger") if logging_rank else None
+    stop_wait = config["stop_request"].wait.remote() if rank == 0 and config.get("stop_request") else None
     if logging_rank:
         mlflow.set_tracking_uri(config["mlflow_uri"])
         mlflow.start_run(run_id=config["mlflow_run_id"], log_system_metrics=t.system_metrics)
@@ -194,7 +198,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        step_loss = _all_mean(loss_sum)
+        stop_requested = stop_wait is not None and bool(ray.wait([stop_wait], timeout=0)[0])
+        step_loss, stopping = _step_loss_and_stop(loss_sum, stop_requested)
         dt = time.perf_counter() - t0
 
         metrics = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
@@ -212,21 +217,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _append_jsonl(samples_log, {"step": step, "world_size": world, "loss": step_loss, "lr": lr,
                                             "sample_ids": ids, "time": time.time(),
                                             **({"started": started, **recovery} if recovery else {})})
-        if val_data is not None and (step % t.eval_every == 0 or step == t.max_steps):
+        if val_data is not None and (step % t.eval_every == 0 or step == t.max_steps) and not stopping:
             val_loss = evaluate(model, val_data, dp_rank, dp, t, device)
             if val_loss is not None:
                 metrics["val_loss"] = val_loss
-        if metrics_logger and (step % t.log_every == 0 or step == t.max_steps):
+        if metrics_logger and (step % t.log_every == 0 or step == t.max_steps or stopping):
             metrics_logger.log.remote({k: v for k, v in metrics.items() if k != "step"}, step, int(time.time() * 1000))
 
-        if step % t.checkpoint_every == 0 or step == t.max_steps:
+        if step % t.checkpoint_every == 0 or step == t.max_steps or stopping:
             if metrics_logger:  # what the checkpoint covers is in MLflow first (see StepMetricsLogger)
                 ray.get(metrics_logger.flush.remote())
             trainer_state = {"step": step, "loader": loader.state_dict(), "world_size": world, "tp_size": t.tp_size,
                              "model_config": mcfg.model_dump(mode="json")}
             _report_with_checkpoint(metrics, model, optimizer, trainer_state, rank, layout.tokenizer_model, t)
+        if stopping:
+            break
     if logging_rank:
-        mlflow.end_run()
+        mlflow.end_run("KILLED" if step < t.max_steps else "FINISHED")  # KILLED: stopped on request, resumable
 
 
 def build_parallel_model(mcfg: ModelConfig, t: TrainConfig, device: torch.device, world: int):
@@ -289,11 +296,13 @@ def _report_with_checkpoint(metrics: dict, model, optimizer, trainer_state: dict
 
 
 def run_training(cfg: AthanorConfig, layout: RunLayout, mlflow_run_id: str | None, mlflow_uri: str | None):
-    """Build and fit the TorchTrainer; returns Ray Train's Result (its checkpoint is the final one)."""
+    """Build and fit the TorchTrainer; returns Ray Train's Result (its checkpoint is the latest one) and the name of
+    the signal that stopped training early, or None when it ran to max_steps (see athanor.cluster.stop)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from athanor import storage
+    from athanor.cluster.stop import start_stop_request, stop_on_signals
     from athanor.cluster.tracking import start_step_metrics_logger
 
     t = cfg.train
@@ -302,11 +311,12 @@ def run_training(cfg: AthanorConfig, layout: RunLayout, mlflow_run_id: str | Non
     storage.makedirs(layout.checkpoints)
     storage_path, storage_filesystem = storage.ray_storage(layout.checkpoints)  # s3:// and gs:// too
     metrics_logger = start_step_metrics_logger(mlflow_uri, mlflow_run_id) if mlflow_run_id else None
+    stop_request = start_stop_request()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "workdir": str(layout.root),
                            "mlflow_run_id": mlflow_run_id, "mlflow_uri": mlflow_uri,
-                           "metrics_logger": metrics_logger},
+                           "metrics_logger": metrics_logger, "stop_request": stop_request},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=(t.min_workers, t.num_workers) if t.min_workers else t.num_workers,
                                      use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker},
@@ -320,4 +330,7 @@ def run_training(cfg: AthanorConfig, layout: RunLayout, mlflow_run_id: str | Non
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(t.cpus_per_worker)}},
         ),
     )
-    return trainer.fit()
+    with stop_on_signals(stop_request) as received:
+        result = trainer.fit()
+    stopped_early = received and (result.metrics or {}).get("step", t.max_steps) < t.max_steps
+    return result, received[0] if stopped_early else None

@@ -5,7 +5,9 @@ them after 15 idle seconds. Curation joins the cluster through `cluster.address`
 so nodes come up, and go away once it is done. Training with `train.min_workers=1, num_workers=2` starts with one
 worker on the head while the worker type is capped at zero nodes; after ten steps the test lifts the cap to one (as
 capacity arriving would), the autoscaler brings the node, and Ray Train grows the group to two from the latest
-checkpoint, which train_samples.jsonl records as world_size going from 1 to 2.
+checkpoint, which train_samples.jsonl records as world_size going from 1 to 2. How long that takes is Ray's (the
+autoscaler's update, the node's start, Ray Data's 20 s autoscaling-coordinator tick), so training runs open-ended
+and the test ends it with SIGTERM once two workers have trained past a checkpoint (athanor.cluster.stop).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,8 +58,8 @@ def alive_workers(head) -> list[str]:
 
 
 def run_on_cluster(head, *args, timeout=600, on_tick=None) -> tuple[subprocess.CompletedProcess, set[str]]:
-    """`athanor ARGS --set cluster.address=HEAD`, watching the worker nodes (and calling on_tick) while it runs;
-    returns the ids of the worker nodes seen."""
+    """`athanor ARGS --set cluster.address=HEAD`, watching the worker nodes (and calling on_tick(process)) while it
+    runs; returns the ids of the worker nodes seen."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "athanor.cluster.cli", *args, "--set", f"cluster.address={head.gcs_address}"]
@@ -67,7 +70,7 @@ def run_on_cluster(head, *args, timeout=600, on_tick=None) -> tuple[subprocess.C
             while p.poll() is None:
                 seen.update(alive_workers(head))
                 if on_tick is not None:
-                    on_tick()
+                    on_tick(p)
                 if time.monotonic() - t0 > timeout:
                     p.kill()
                     p.wait()
@@ -109,10 +112,9 @@ def _world_sizes(samples: Path) -> dict[int, int]:
     if not samples.is_file():
         return {}
     last = {}
-    for line in samples.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            last[r["step"]] = r["world_size"]
+    for line in samples.read_text().split("\n")[:-1]:  # read while rank 0 appends: a line without its \n waits
+        r = json.loads(line)
+        last[r["step"]] = r["world_size"]
     return last
 
 
@@ -128,28 +130,41 @@ def test_training_grows_from_one_to_two_workers_when_a_node_arrives(cluster, wor
     wait_for_no_workers(cluster, timeout=IDLE_TIMEOUT_MINUTES * 60 + 90)
     samples = workdir / "train_samples.jsonl"
     samples.unlink(missing_ok=True)
-    arrived_after = []
+    checkpoint_every = 10
+    timeline = []  # (time, what happened at which step)
 
-    def let_a_node_come():
-        if not arrived_after and len(_world_sizes(samples)) >= 10:
-            arrived_after.append(max(_world_sizes(samples)))
+    def let_a_node_come_then_stop(proc):
+        sizes = _world_sizes(samples)
+        steps_on_two = sorted(s for s, w in sizes.items() if w == 2)
+        if not timeline and len(sizes) >= 10:
+            timeline.append((time.monotonic(), f"node let in after step {max(sizes)}"))
             cluster.set_max_workers("cpu", 1)
+        elif len(timeline) == 1 and alive_workers(cluster):
+            timeline.append((time.monotonic(), f"node alive at step {max(sizes)}"))
+        elif len(timeline) == 2 and steps_on_two:
+            timeline.append((time.monotonic(), f"world size 2 from step {steps_on_two[0]}"))
+        elif len(timeline) == 3 and steps_on_two[-1] > steps_on_two[0] + checkpoint_every:
+            timeline.append((time.monotonic(), f"SIGTERM at step {steps_on_two[-1]}"))
+            proc.send_signal(signal.SIGTERM)
 
-    steps = 300
     proc, seen = run_on_cluster(cluster, "train", "configs/smoke.yaml", *overrides(
-        workdir, data_dir, "train.min_workers=1", "train.num_workers=2", f"train.max_steps={steps}",
-        "train.resize_interval_s=2", "train.checkpoint_every=10", "train.eval_every=100", "train.log_sample_ids=true"),
-        on_tick=let_a_node_come)
-    assert proc.returncode == 0, proc.stdout[-5000:]
-    assert arrived_after, "training ended before it took 10 steps on one worker"
+        workdir, data_dir, "train.min_workers=1", "train.num_workers=2", "train.max_steps=100000",
+        "train.resize_interval_s=2", f"train.checkpoint_every={checkpoint_every}", "train.eval_every=1000",
+        "train.log_sample_ids=true"), timeout=420, on_tick=let_a_node_come_then_stop)
+    events = "; ".join(f"{t - timeline[0][0]:.0f} s: {what}" for t, what in timeline)
+    print(f"timeline: {events}")
+    assert len(timeline) == 4, f"two workers never passed a checkpoint ({events}):\n{proc.stdout[-5000:]}"
     assert len(seen) == 1  # the one node allowed in
 
+    # Stopped on SIGTERM after the step it was at, with a checkpoint there to resume from, nothing skipped.
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stdout[-5000:]
     last = _world_sizes(samples)
-    assert sorted(last) == list(range(1, steps + 1))
+    stopped_at = max(last)
+    assert f"training stopped on SIGTERM after step {stopped_at} " in proc.stdout
+    assert (workdir / "checkpoints" / "autoscaling" / f"checkpoint_{stopped_at:08d}").is_dir()
+    assert sorted(last) == list(range(1, stopped_at + 1))
     sizes = [last[s] for s in sorted(last)]
-    assert 2 in sizes, f"the group never grew (node let in after step {arrived_after[0]})"
     grew_at = sizes.index(2)
-    print(f"node let in after step {arrived_after[0]}; world size 1 for steps 1..{grew_at}, "
-          f"2 from step {grew_at + 1} to {steps}")
+    print(f"world size 1 for steps 1..{grew_at}, 2 from step {grew_at + 1} to {stopped_at}")
     assert sizes[0] == 1 and set(sizes[grew_at:]) == {2}
     assert "Deciding to resize the worker group from 1 -> 2 workers" in proc.stdout

@@ -1,7 +1,7 @@
 """Elastic training on a real multi-node Ray cluster (`ray.cluster_utils.Cluster`: a head and worker nodes as separate
-raylets on this machine). The group grows when a node joins, shrinks when it leaves, and a killed driver relaunched
-with the same run name resumes; in each case every step trains in effect once, on the samples and with the loss of
-an uninterrupted run, and MLflow holds one run with one continuous step axis."""
+raylets on this machine). The group grows when a node joins, shrinks when it leaves, and a driver stopped by SIGTERM
+or killed, then relaunched with the same run name, resumes; in each case every step trains in effect once, on the
+samples and with the loss of an uninterrupted run, and MLflow holds one run with one continuous step axis."""
 
 from __future__ import annotations
 
@@ -68,25 +68,41 @@ def test_group_grows_when_a_node_joins_and_shrinks_when_it_leaves(smoke_run, one
 
 
 @pytest.mark.slow
-def test_killed_driver_relaunched_with_the_same_name_resumes_into_the_same_mlflow_run(smoke_run, tmp_path):
+def test_stopped_or_killed_driver_relaunched_with_the_same_name_resumes_into_the_same_mlflow_run(smoke_run, tmp_path):
     from mlflow.tracking import MlflowClient
 
     baseline, _ = smoke_run
     work = fresh_training_dir(baseline, tmp_path / "run")
+    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    # SIGTERM (kill, `athanor jobs stop`): training stops after the step it is at, with a checkpoint of that step.
+    with running(start_train(work)) as proc:
+        wait_for(lambda: max(effective_steps(work), default=0) >= 5, proc, 400, "five steps")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    stopped_at = max(effective_steps(work))
+    assert proc.returncode == 128 + signal.SIGTERM, out[-5000:]
+    assert f"training stopped on SIGTERM after step {stopped_at} " in out
+    assert stopped_at < SMOKE.train.checkpoint_every, "the first periodic checkpoint came before the stop"
+    assert (work / "checkpoints" / SMOKE.run.name / f"checkpoint_{stopped_at:08d}").is_dir()
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "KILLED"
+    # SIGKILL of the driver and the local Ray it started (the driver's machine is gone): the work since the last
+    # checkpoint is lost, and a relaunch under the same name resumes from that checkpoint.
     with running(start_train(work)) as proc:
         wait_for(lambda: max(effective_steps(work), default=0) >= SMOKE.train.checkpoint_every + 5, proc, 400,
                  "a checkpoint")
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started: the driver's machine is gone
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     killed_at = max(effective_steps(work))
     finish(start_train(work))
 
     starts = [r["step"] for r in records(work) if "started" in r]  # the first step of each launch
-    assert starts == [1, SMOKE.train.checkpoint_every + 1] and killed_at > starts[1], (starts, killed_at)
+    assert starts == [1, stopped_at + 1, SMOKE.train.checkpoint_every + 1], starts
+    assert killed_at > starts[2], (starts, killed_at)
     assert_same_training(work, baseline)
 
-    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1, [r.info.run_name for r in runs]
+    assert runs[0].info.status == "FINISHED"
     loss = client.get_metric_history(runs[0].info.run_id, "loss")
     assert sorted({m.step for m in loss}) == list(range(1, SMOKE.train.max_steps + 1))

@@ -206,8 +206,11 @@ def test_runtime_env_carries_only_named_variables_and_pip_without_ray(monkeypatc
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-forwarded-unless-named")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "named")
     env = build_runtime_env(ROOT, ["MLFLOW_TRACKING_PASSWORD"], pip=False)
-    assert env["env_vars"] == {"MLFLOW_TRACKING_PASSWORD": "named"} and "pip" not in env
-    assert "not-forwarded-unless-named" not in json.dumps(env)
-    assert "env_vars" not in build_runtime_env(ROOT, [], pip=False)
+    assert env["env_vars"] == {"MLFLOW_TRACKING_PASSWORD": "named", "RAY_JOB_STOP_WAIT_TIME_S": "300"}
+    assert "pip" not in env and "not-forwarded-unless-named" not in json.dumps(env)
+    assert build_runtime_env(ROOT, [], pip=False)["env_vars"] == {"RAY_JOB_STOP_WAIT_TIME_S": "300"}
+    monkeypatch.setenv("RAY_JOB_STOP_WAIT_TIME_S", "30")  # a grace period of the user's own, when named
+    assert build_runtime_env(ROOT, ["RAY_JOB_STOP_WAIT_TIME_S"], pip=False)["env_vars"] == {
+        "RAY_JOB_STOP_WAIT_TIME_S": "30"}
     pip = build_runtime_env(ROOT, [], pip=True)["pip"]
     assert "mlflow==3.17.2" in pip and not [d for d in pip if d.startswith("ray")]
