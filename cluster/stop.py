@@ -20,7 +20,6 @@ from collections.abc import Iterator
 log = logging.getLogger("athanor")
 
 
-
 class StopRequest:
     """Set once by the driver, awaited by rank 0 (an asyncio actor: `wait` parks without holding a thread)."""
 
