@@ -210,7 +210,7 @@ def add_parsers(sub) -> None:
     lg = jsub.add_parser("logs", help="a job's driver log")
     lg.add_argument("job_id")
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
-    sp = jsub.add_parser("stop", help="stop a running job")
+    sp = jsub.add_parser("stop", help="stop a running job (SIGTERM: training first checkpoints the step it is at)")
     sp.add_argument("job_id")
     ls = jsub.add_parser("list", help="the cluster's submitted jobs")
     for q in (st, lg, sp, ls):
