@@ -37,9 +37,34 @@ class StopRequest:
 
 
 def start_stop_request():
+    """A StopRequest beside the driver (a node that leaves the cluster must not take it along); restarted if lost,
+    with rank 0's pending `wait` retried on the new one."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(StopRequest).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(StopRequest)
+    return actor.options(scheduling_strategy=here).remote()
+
+
+class StopWatch:
+    """Rank 0's side: `requested()` is a local look at one pending call, not a round trip, so it runs every step."""
+
+    def __init__(self, stop_request):
+        self._pending = stop_request.wait.remote() if stop_request is not None else None
+
+    def requested(self) -> bool:
+        import ray
+
+        if self._pending is None or not ray.wait([self._pending], timeout=0)[0]:
+            return False
+        try:
+            ray.get(self._pending)
+            return True
+        except ray.exceptions.RayError as err:  # the actor is gone for good: an error is not a request to stop
+            log.warning("training can no longer be stopped by SIGTERM with a checkpoint: %s", err)
+            self._pending = None
+            return False
 
 
 @contextlib.contextmanager

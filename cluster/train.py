@@ -133,6 +133,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     from athanor.cluster.loader import GlobalBatchLoader
+    from athanor.cluster.stop import StopWatch
     from athanor.model.flops import flops_per_token
     from athanor.pipelines.shards import TokenShards
 
@@ -171,7 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     samples_log = layout.root / "train_samples.jsonl"
     logging_rank = rank == 0 and config.get("mlflow_run_id")
     metrics_logger = config.get("metrics_logger") if logging_rank else None
-    stop_wait = config["stop_request"].wait.remote() if rank == 0 and config.get("stop_request") else None
+    stop_watch = StopWatch(config.get("stop_request") if rank == 0 else None)
     if logging_rank:
         mlflow.set_tracking_uri(config["mlflow_uri"])
         mlflow.start_run(run_id=config["mlflow_run_id"], log_system_metrics=t.system_metrics)
@@ -198,8 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        stop_requested = stop_wait is not None and bool(ray.wait([stop_wait], timeout=0)[0])
-        step_loss, stopping = _step_loss_and_stop(loss_sum, stop_requested)
+        step_loss, stopping = _step_loss_and_stop(loss_sum, stop_watch.requested())
         dt = time.perf_counter() - t0
 
         metrics = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
