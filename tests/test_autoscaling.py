@@ -60,7 +60,9 @@ def alive_workers(head) -> list[str]:
 def run_on_cluster(head, *args, timeout=600, on_tick=None) -> tuple[subprocess.CompletedProcess, set[str]]:
     """`athanor ARGS --set cluster.address=HEAD`, watching the worker nodes (and calling on_tick(process)) while it
     runs; returns the ids of the worker nodes seen."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # Ray Data asks the autoscaler for a node once the cluster's CPUs have been over 75% busy for this many seconds
+    # (10 by default): the smoke config's curation is over in about 15 s, before a node could come.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DATA_CLUSTER_UTIL_AVG_WINDOW_S="2")
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "athanor.cluster.cli", *args, "--set", f"cluster.address={head.gcs_address}"]
     seen: set[str] = set()
