@@ -59,6 +59,17 @@ def init_ray(cfg: AthanorConfig) -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
+def start_beside_driver(cls, *args):
+    """An actor of `cls` on the driver's node (soft: elsewhere if it must), taking no CPU, restarted if lost and its
+    pending calls retried: the helpers training talks to must not leave with a worker node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(cls)
+    return actor.options(scheduling_strategy=here).remote(*args)
+
+
 def quiet_placement_group_cleaner() -> None:
     """Ray worker set-up hook for the embedded local Ray, which runs without a dashboard and so without the state API.
 

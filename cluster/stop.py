@@ -37,14 +37,10 @@ class StopRequest:
 
 
 def start_stop_request():
-    """A StopRequest beside the driver (a node that leaves the cluster must not take it along); restarted if lost,
-    with rank 0's pending `wait` retried on the new one."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    """A StopRequest beside the driver; if it is lost, rank 0's pending `wait` is retried on its restart."""
+    from athanor.cluster.driver import start_beside_driver
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(StopRequest)
-    return actor.options(scheduling_strategy=here).remote()
+    return start_beside_driver(StopRequest)
 
 
 class StopWatch:

@@ -184,9 +184,6 @@ class StepMetricsLogger:
 
 def start_step_metrics_logger(tracking_uri: str, run_id: str):
     """A StepMetricsLogger actor on this (the driver's) node, where a local SQLite store lives; retried on failure."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from athanor.cluster.driver import start_beside_driver
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(StepMetricsLogger)
-    return actor.options(scheduling_strategy=here).remote(tracking_uri, run_id)
+    return start_beside_driver(StepMetricsLogger, tracking_uri, run_id)
