@@ -32,6 +32,7 @@ class DataConfig(_Section):
     warc_files: list[str] = Field(default_factory=list)  # WARC files or globs (.warc / .warc.gz)
     jsonl_files: list[str] = Field(default_factory=list)  # JSON Lines files or globs, one document per line (.gz ok)
     parquet_files: list[str] = Field(default_factory=list)  # Parquet files or globs, one document per row
+    text_files: list[str] = Field(default_factory=list)  # UTF-8 text files or globs, one document per file
     text_field: str = "text"  # JSONL/Parquet field holding the document's text
     id_field: str = "id"  # JSONL/Parquet field holding the record's own id, when there is one
     url_field: str = "url"  # JSONL/Parquet field holding the document's URL, when there is one
@@ -260,7 +261,10 @@ class TrainConfig(_Section):
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     eval_every: int = 50
-    eval_batches: int = 4
+    eval_batches: int = 4  # each evaluation scores eval_batches x micro_batch_size windows of every set
+    # Extra named sets scored at every evaluation besides the validation shards: name -> .txt/.jsonl/.parquet files;
+    # logged as eval/<name>/loss and eval/<name>/bits_per_byte.
+    eval_sets: dict[str, list[str]] = Field(default_factory=dict)
     log_every: int = 1
     checkpoint_every: int = 100
     keep_checkpoints: int = Field(2, ge=1)
@@ -285,6 +289,22 @@ class TrainConfig(_Section):
         return self
 
 
+class EvalConfig(_Section):
+    """`athanor eval`: log-likelihood of the run's validation shards and of extra inputs, as Ray Data batch inference."""
+
+    inputs: list[str] = Field(default_factory=list)  # text (.txt, one document per file), .jsonl or .parquet files
+    val_shards: bool = True  # score the run's packed validation shards too (when the run has them)
+    context: int | None = Field(None, ge=1)  # input tokens per window; None: the checkpoint's training seq_len
+    stride: int | None = Field(None, ge=1)  # scored-end step of the sliding window; None: the context (no overlap)
+    batch_size: int = Field(16, ge=1)  # windows per forward pass
+    actors: int = Field(1, ge=1)  # Ray Data actor pool: one model copy per actor
+    cpus_per_actor: int = Field(1, ge=1)
+    use_gpu: bool | None = None  # None: one GPU per actor when the Ray cluster has GPUs
+    max_documents: int | None = Field(None, ge=1)  # per input file, for quick looks
+    # None: metrics go to the training run (cfg.run.name); a name: a run of its own, tagged with the training run's id
+    run_name: str | None = None
+
+
 class ClusterConfig(_Section):
     address: str | None = None  # None: start an embedded local Ray; "auto" or ray://... joins a cluster
     num_cpus: int | None = None  # for the embedded cluster; None lets Ray count the machine's cores
@@ -302,6 +322,7 @@ class AthanorConfig(_Section):
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 

@@ -78,6 +78,21 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
             shutil.copyfile(tokenizer_model, directory / TOKENIZER_FILE)
 
 
+def save_model(directory: str | Path, model: torch.nn.Module, model_config: ModelConfig, tokenizer_model: str | Path,
+               step: int = 0, seq_len: int | None = None) -> Path:
+    """A weights-only checkpoint from one process (no optimizer, no loader): what `load_model`, `athanor eval`,
+    `generate` and `export` read. For models made outside training (tests, conversions, post-processing)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # "torch.distributed is disabled ... assuming the intent is to save in a single
+        warnings.filterwarnings("ignore", message=".*single process")  # process": it is
+        dcp.save({"model": model.state_dict()}, checkpoint_id=str(directory))
+    state = {"step": step, "seq_len": seq_len, "model_config": model_config.model_dump(mode="json")}
+    (directory / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=1))
+    shutil.copyfile(tokenizer_model, directory / TOKENIZER_FILE)
+    return directory
+
+
 def load_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     rank: int) -> dict:
     """Collective: restore model and optimizer in place, resharded to this run's layout; returns the trainer state."""

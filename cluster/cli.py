@@ -3,7 +3,10 @@
     athanor run configs/demo.yaml                 curate -> tokenize -> train, one MLflow run
     athanor curate|tokenize|train CONFIG          one stage over the same working folder
     athanor quality train CONFIG                  train the fastText quality classifier alone
-    athanor generate --checkpoint PATH --prompt "..."       sample from a trained checkpoint (KV cache)
+    athanor eval CONFIG [--checkpoint PATH] [--input FILE]  loss, perplexity, bits per byte (Ray Data batch inference)
+    athanor generate --checkpoint PATH --prompt "..."       continue one prompt (KV cache)
+    athanor generate --checkpoint PATH --input P.jsonl --output OUT.jsonl   many prompts, batched, on Ray Data
+    athanor lm-eval --model athanor --model_args checkpoint=PATH --tasks ...   lm-evaluation-harness on a checkpoint
     athanor export --checkpoint PATH --format hf --out DIR  a LlamaForCausalLM folder for transformers
     athanor submit CONFIG --address http://HEAD:8265        the same run as a Ray job on a cluster
     athanor jobs status|logs|stop|list [JOB_ID]             follow and control submitted jobs
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from athanor.config import ConfigError, load_config
@@ -42,14 +46,37 @@ def build_parser() -> argparse.ArgumentParser:
     qsub = quality.add_subparsers(dest="quality_command", required=True)
     _add_config_args(qsub.add_parser("train", help="train it on the config's high/low sources and report P/R"))
 
-    gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
-    gen.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run workdir (newest checkpoint)")
-    gen.add_argument("--prompt", required=True)
+    ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint (Ray Data batch inference)")
+    _add_config_args(ev)
+    ev.add_argument("--checkpoint", default=None,
+                    help="a checkpoint folder, a run workdir (newest checkpoint) or an HF Llama folder "
+                         "(default: the config's run)")
+    ev.add_argument("--input", dest="inputs", action="append", default=[], metavar="FILE",
+                    help="also score this .txt (one document), .jsonl or .parquet file (repeatable)")
+
+    gen = sub.add_parser("generate", help="continue prompts with a trained checkpoint or HF Llama folder")
+    gen.add_argument("--checkpoint", required=True, help="a checkpoint folder, a run workdir (newest checkpoint) "
+                                                         "or an HF Llama folder")
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="one prompt, answered in this process")
+    what.add_argument("--input", help="a JSONL file of {\"prompt\": ...} lines, answered by a Ray Data actor pool")
+    gen.add_argument("--output", help="where --input's completions go (JSONL, one line per input line)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--num-beams", type=int, default=1, help="beam search when > 1 (deterministic)")
+    gen.add_argument("--length-penalty", type=float, default=1.0)
+    gen.add_argument("--early-stopping", action="store_true")
+    gen.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--actors", type=int, default=1, help="--input: model copies in the actor pool")
+    gen.add_argument("--batch-size", type=int, default=32, help="--input: prompts per batch")
+
+    lm = sub.add_parser("lm-eval", help="lm-evaluation-harness's CLI with the athanor model registered",
+                        add_help=False)
+    lm.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
 
     sub.add_parser("presets", help="the model presets with their parameter counts and FLOPs per token")
 
@@ -104,19 +131,64 @@ def _load_checkpoint(path: str):
         raise UserError(str(err)) from None
 
 
+def _generation_settings(args: argparse.Namespace) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "num_beams": args.num_beams,
+            "length_penalty": args.length_penalty, "early_stopping": args.early_stopping, "stop": args.stop,
+            "seed": args.seed}
+
+
 def _generate(args: argparse.Namespace) -> int:
-    import torch
+    if args.input:
+        return _generate_file(args)
+    from athanor.cluster.inference import TextGenerator
 
-    from athanor.cluster.checkpoint import TOKENIZER_FILE
-    from athanor.model.generate import generate
-    from athanor.pipelines.tokenizer import Tokenizer
+    try:
+        generator = TextGenerator(args.checkpoint, _generation_settings(args), cpus=None)
+    except (ValueError, OSError) as err:
+        raise UserError(str(err)) from None
+    out = generator({"prompt": [args.prompt]})
+    if out["error"][0]:
+        raise UserError(out["error"][0])
+    print(args.prompt + out["completion"][0])
+    return 0
 
-    model, _, directory = _load_checkpoint(args.checkpoint)
-    tok = Tokenizer(directory / TOKENIZER_FILE)
-    prompt = [tok.bos_id] + tok.encode([args.prompt])[0]
-    out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, eos_id=tok.eos_id, generator=torch.Generator().manual_seed(args.seed))
-    print(args.prompt + tok.decode(out))
+
+def _generate_file(args: argparse.Namespace) -> int:
+    import ray
+
+    from athanor.cluster.generation import generate_file
+
+    if not args.output:
+        raise UserError("--input needs --output (the JSONL file the completions go to)")
+    if not ray.is_initialized():
+        ray.init(address=None if "RAY_ADDRESS" in os.environ else "local", include_dashboard=False)
+    try:
+        counts = generate_file(args.checkpoint, args.input, args.output, _generation_settings(args),
+                               actors=args.actors, batch_rows=args.batch_size)
+    except (ValueError, OSError) as err:
+        raise UserError(str(err)) from None
+    print(f"wrote {sum(counts.values())} lines to {args.output}: "
+          + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from athanor.cluster.checkpoint import CheckpointError
+    from athanor.cluster.driver import init_ray
+    from athanor.cluster.evaluate import evaluate, format_summary, log_to_mlflow
+
+    cfg = load_config(args.config, args.overrides)
+    init_ray(cfg)
+    try:
+        summary = evaluate(cfg, args.checkpoint, args.inputs)
+    except (ValueError, CheckpointError) as err:
+        raise UserError(str(err)) from None
+    run_id = log_to_mlflow(cfg, summary)
+    print(f"checkpoint {summary['checkpoint']} (step {summary['step']}), context {summary['context']}, "
+          f"stride {summary['stride']}")
+    print(format_summary(summary))
+    print(f"per-document results: {summary['output']}\nMLflow run id: {run_id}")
     return 0
 
 
@@ -152,6 +224,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _presets()
     if args.command == "generate":
         return _generate(args)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "lm-eval":
+        from .lm_eval_adapter import main as lm_eval_main
+
+        return lm_eval_main(args.lm_eval_args) or 0
     if args.command == "export":
         return _export(args)
     if args.command in ("submit", "jobs"):

@@ -54,25 +54,28 @@ def _experiment_id(client: MlflowClient, cfg: AthanorConfig, layout: RunLayout) 
     return client.create_experiment(cfg.mlflow.experiment, artifact_location=artifact_location)
 
 
-def resolve_run(cfg: AthanorConfig, layout: RunLayout) -> str:
-    """Return the id of the MLflow run named after `cfg.run.name`, creating it the first time.
+def resolve_run(cfg: AthanorConfig, layout: RunLayout, name: str | None = None,
+                tags: dict[str, str] | None = None) -> str:
+    """Return the id of the MLflow run named `name` (default `cfg.run.name`), creating it the first time.
 
     Params are the resolved config. MLflow params are immutable, so a re-run with a changed value keeps the
-    first value and records the new one as a `config_changed.<key>` tag instead of failing.
+    first value and records the new one as a `config_changed.<key>` tag instead of failing. Only the training run
+    (no `name`) is written to the workdir's run-id file; a named run (an eval run) carries `tags` linking it.
     """
     storage.makedirs(layout.root)
+    name = name or cfg.run.name
     uri = tracking_uri(cfg, layout)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     exp_id = _experiment_id(client, cfg, layout)
     found = client.search_runs(
-        [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}'", max_results=2,
+        [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'", max_results=2,
         order_by=["attributes.start_time ASC"],
     )
     if found:
         run = found[0]
     else:
-        run = client.create_run(exp_id, run_name=cfg.run.name, tags={RUN_NAME_TAG: cfg.run.name})
+        run = client.create_run(exp_id, run_name=name, tags={RUN_NAME_TAG: name, **(tags or {})})
     run_id = run.info.run_id
     old = run.data.params if found else {}
     new = {k: _param_value(v) for k, v in cfg.flat().items()}
@@ -83,7 +86,8 @@ def resolve_run(cfg: AthanorConfig, layout: RunLayout) -> str:
     for k, v in new.items():
         if k in old and old[k] != v:
             client.set_tag(run_id, f"config_changed.{k}", v)
-    storage.write_text(layout.mlflow_run_file, run_id + "\n")
+    if name == cfg.run.name:
+        storage.write_text(layout.mlflow_run_file, run_id + "\n")
     return run_id
 
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from athanor.config import AthanorConfig, ModelConfig, TrainConfig
+from athanor.config import AthanorConfig, DataConfig, ModelConfig, TrainConfig
 from athanor.layout import RunLayout
+from athanor.pipelines.tokenizer import Tokenizer
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .parallelize import build_mesh, clip_grad_norm_, parallelize
@@ -96,35 +98,65 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, shards, dp_rank: int, dp: int, t: TrainConfig, device) -> float | None:
-    """Mean validation loss over the first eval_batches x micro_batch_size sequences, split across dp ranks.
+@dataclass
+class EvalSet:
+    """Windows to score at every evaluation: the validation shards' first sequences, or a named set of documents."""
 
-    Every rank runs the same number of forward passes (FSDP and TP gather weights collectively); a rank whose share
-    ran out repeats its last batch with weight zero.
+    name: str
+    windows: list[list[int]]
+    n_bytes: list[int]  # UTF-8 bytes behind each window's targets (a document's bytes on its first window)
+
+
+def val_shard_set(shards, n: int, tokenizer: Tokenizer) -> EvalSet:
+    """The first n validation sequences, each one window with every target scored."""
+    lengths, dummy = tokenizer.byte_lengths(), tokenizer.adds_dummy_prefix
+    ids = range(min(len(shards), n))
+    return EvalSet("val", [shards[i].astype("int64").tolist() for i in ids],
+                   [shards.target_bytes(i, lengths, dummy) for i in ids])
+
+
+def document_set(name: str, files: list[str], tokenizer_path: str, context: int, max_windows: int,
+                 data: DataConfig) -> EvalSet:
+    """`train.eval_sets[name]`: its files read as curation reads them, cut like `athanor eval` cuts documents
+    (BOS + tokens, non-overlapping windows of the training length), at most max_windows windows."""
+    import pyarrow as pa
+
+    from athanor.cluster.evaluate import document_windows, input_kind
+    from athanor.pipelines.read import SCHEMA, file_rows
+
+    rows = [r for path in files for r in file_rows(input_kind(path).removesuffix("_files"), path, data)]
+    table = document_windows(pa.Table.from_pylist(rows, schema=SCHEMA), tokenizer_path, context, context)
+    kept = [r for r in table.to_pylist() if r["error"] is None][:max_windows]
+    if not kept:
+        raise ValueError(f"train.eval_sets.{name}: no readable document in {files}")
+    return EvalSet(name, [r["tokens"] for r in kept], [r["bytes"] for r in kept])
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, eval_set: EvalSet, dp_rank: int, dp: int, t: TrainConfig) -> dict[str, float]:
+    """Loss (mean nats per token) and bits per byte of a set, its windows split across the dp ranks.
+
+    Every rank runs the same number of forward passes (FSDP and TP gather weights collectively): a rank whose share
+    is short repeats its last window with weight zero.
     """
     import torch.distributed as dist
 
-    n = min(len(shards), t.eval_batches * t.micro_batch_size)
-    if n == 0:
-        return None
-    model.eval()
-    starts = list(range(0, n, t.micro_batch_size))
-    rounds = -(-len(starts) // dp)
-    total = torch.zeros(2)
-    for r in range(rounds):
-        k = r * dp + dp_rank
-        start = starts[min(k, len(starts) - 1)]
-        ids = range(start, min(start + t.micro_batch_size, n))
-        seqs = torch.stack([torch.from_numpy(shards[i].astype("int64")) for i in ids]).to(device)
-        loss = float(model.loss(model(seqs[:, :-1]), seqs[:, 1:]))
-        if k < len(starts):
-            total += torch.tensor([loss * len(ids), len(ids)])
+    from athanor.model.scoring import LN2, score_windows
+
+    n = len(eval_set.windows)
+    per_rank = -(-n // dp)
+    mine = list(range(min(n, dp_rank * per_rank), min(n, (dp_rank + 1) * per_rank)))
+    padded = mine + [mine[-1] if mine else n - 1] * (per_rank - len(mine))
+    windows = [eval_set.windows[i] for i in padded]
+    scores = score_windows(model, windows, [len(w) - 1 for w in windows], batch_size=t.micro_batch_size)
+    total = torch.zeros(3, dtype=torch.float64)
+    for i, s in zip(mine, scores):
+        total += torch.tensor([-s.logprob, s.n_scored, eval_set.n_bytes[i]], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
-        total /= t.tp_size  # tensor-parallel peers computed the same batches
+        total /= t.tp_size  # tensor-parallel peers computed the same windows
         dist.all_reduce(total)
-    model.train()
-    return float(total[0] / total[1]) if total[1] else None
+    nats, tokens, n_bytes = (float(x) for x in total)
+    return {"loss": nats / tokens, "bits_per_byte": nats / n_bytes / LN2 if n_bytes else float("nan")}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -148,8 +180,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, t.cpus_per_worker))
 
     train_data = TokenShards(layout.root, "train")
-    val_data = TokenShards(layout.root, "val") if _has_split(layout, "val") else None
     mcfg = model_config_for(cfg, train_data.vocab_size)
+    tokenizer = Tokenizer(layout.tokenizer_model, num_threads=1)
+    eval_sets = [val_shard_set(TokenShards(layout.root, "val"), t.eval_batches * t.micro_batch_size, tokenizer)
+                 ] if _has_split(layout, "val") else []
+    eval_sets += [document_set(name, files, str(layout.tokenizer_model), train_data.seq_len,
+                               t.eval_batches * t.micro_batch_size, cfg.data) for name, files in t.eval_sets.items()]
     dp, dp_rank = world // t.tp_size, rank // t.tp_size
     model = build_parallel_model(mcfg, t, device, world)
     optimizer = build_optimizer(model, t)
@@ -217,10 +253,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _append_jsonl(samples_log, {"step": step, "world_size": world, "loss": step_loss, "lr": lr,
                                             "sample_ids": ids, "time": time.time(),
                                             **({"started": started, **recovery} if recovery else {})})
-        if val_data is not None and (step % t.eval_every == 0 or step == t.max_steps) and not stopping:
-            val_loss = evaluate(model, val_data, dp_rank, dp, t, device)
-            if val_loss is not None:
-                metrics["val_loss"] = val_loss
+        if eval_sets and (step % t.eval_every == 0 or step == t.max_steps) and not stopping:
+            for eval_set in eval_sets:
+                result = evaluate(model, eval_set, dp_rank, dp, t)
+                if eval_set.name == "val":
+                    metrics.update(val_loss=result["loss"], val_bpb=result["bits_per_byte"])
+                else:
+                    metrics.update({f"eval/{eval_set.name}/{k}": v for k, v in result.items()})
         if metrics_logger and (step % t.log_every == 0 or step == t.max_steps or stopping):
             metrics_logger.log.remote({k: v for k, v in metrics.items() if k != "step"}, step, int(time.time() * 1000))
 
@@ -228,7 +267,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if metrics_logger:  # what the checkpoint covers is in MLflow first (see StepMetricsLogger)
                 ray.get(metrics_logger.flush.remote())
             trainer_state = {"step": step, "loader": loader.state_dict(), "world_size": world, "tp_size": t.tp_size,
-                             "model_config": mcfg.model_dump(mode="json")}
+                             "seq_len": train_data.seq_len, "model_config": mcfg.model_dump(mode="json")}
             _report_with_checkpoint(metrics, model, optimizer, trainer_state, rank, layout.tokenizer_model, t)
         if stopping:
             break
@@ -306,6 +345,14 @@ def run_training(cfg: AthanorConfig, layout: RunLayout, mlflow_run_id: str | Non
     from athanor.cluster.tracking import start_step_metrics_logger
 
     t = cfg.train
+    # Ray Train runs the workers in a folder of its own: relative input paths are the driver's, resolved here.
+    sets = {name: [f if storage.is_uri(f) else str(Path(f).resolve()) for f in files]
+            for name, files in t.eval_sets.items()}
+    for name, files in sets.items():
+        missing = [f for f in files if not storage.is_uri(f) and not Path(f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"train.eval_sets.{name}: no such file: {', '.join(missing)}")
+    cfg = cfg.model_copy(update={"train": t.model_copy(update={"eval_sets": sets})})
     for world in range(t.min_workers or t.num_workers, t.num_workers + 1):
         grad_accum_steps(t, world // t.tp_size)  # fail fast on a batch that some allowed worker count cannot split
     storage.makedirs(layout.checkpoints)

@@ -164,7 +164,7 @@ def _run_key(cfg: AthanorConfig, layout: RunLayout) -> str:
     """What every stage's output depends on: the data and curate config, the input files (names and sizes: a new
     or grown input must not reuse committed stages) and, when scoring, the quality model."""
     d = cfg.data
-    inputs = [*list_html_files(d), *(f for field in ("warc_files", "jsonl_files", "parquet_files")
+    inputs = [*list_html_files(d), *(f for field in ("warc_files", "jsonl_files", "parquet_files", "text_files")
                                      for f in list_files(getattr(d, field), d, field))]
     digest = hashlib.sha256(f"{cfg.section_hash('data', 'curate')} {inputs}".encode())
     if cfg.curate.quality.enabled:

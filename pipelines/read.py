@@ -1,4 +1,4 @@
-"""Read raw input (HTML folders, WARC, JSONL, Parquet; local or s3://) into rows that carry their provenance.
+"""Read raw input (HTML folders, WARC, JSONL, Parquet, plain text; local or s3://) into rows that carry their provenance.
 
 One Ray read task per WARC/JSONL/Parquet file (and one per group of HTML files), each streaming its file and yielding
 blocks bounded in rows and bytes, so memory stays bounded by a block, not by a file. Every record leaves the reader as
@@ -189,8 +189,28 @@ def parquet_rows(uri: str, data: DataConfig = DataConfig()) -> Iterator[dict]:
             yield _row(uri, FILE_LEVEL_OFFSET, reason="parquet_invalid")
 
 
+def text_file_rows(uri: str, data: DataConfig = DataConfig()) -> Iterator[dict]:
+    """A plain-text file as one document (a book, an article): UTF-8 or an `undecodable` drop."""
+    fs, path = filesystem_for(uri, data)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(path)  # counted by file_rows as unreadable_file
+    if info.size > data.max_record_bytes:
+        yield _row(uri, 0, reason="too_large")
+        return
+    with fs.open_input_stream(path, compression="detect") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        yield _row(uri, 0, reason="undecodable")
+        return
+    if raw:
+        yield _text_row(uri, 0, {data.text_field: text}, data)
+
+
 READERS: dict[str, Callable[[str, DataConfig], Iterator[dict]]] = {
-    "html": html_file_rows, "warc": warc_rows, "jsonl": jsonl_rows, "parquet": parquet_rows,
+    "html": html_file_rows, "warc": warc_rows, "jsonl": jsonl_rows, "parquet": parquet_rows, "text": text_file_rows,
 }
 
 
@@ -272,7 +292,7 @@ class CrawlDatasource(Datasource):
         self._data = data.model_copy(update={"s3_endpoint_override": endpoint})
         self._html = list_html_files(self._data)
         self._per_file = [(kind, uri, size) for kind, field in (("warc", "warc_files"), ("jsonl", "jsonl_files"),
-                                                                 ("parquet", "parquet_files"))
+                                                                 ("parquet", "parquet_files"), ("text", "text_files"))
                           for uri, size in list_files(getattr(data, field), self._data, field)]
 
     def estimate_inmemory_data_size(self) -> int:
@@ -294,9 +314,10 @@ class CrawlDatasource(Datasource):
 
 def read_crawl(data: DataConfig) -> ray.data.Dataset:
     """All records of the configured inputs, marked kept or dropped (see the module docstring)."""
-    inputs = (data.html_dirs, data.warc_files, data.jsonl_files, data.parquet_files)
+    inputs = (data.html_dirs, data.warc_files, data.jsonl_files, data.parquet_files, data.text_files)
     if not any(inputs):
-        raise ValueError("no input: set data.html_dirs, data.warc_files, data.jsonl_files and/or data.parquet_files")
+        raise ValueError("no input: set data.html_dirs, data.warc_files, data.jsonl_files, data.parquet_files "
+                         "and/or data.text_files")
     uses_s3 = any(uri.startswith("s3://") for uris in inputs for uri in uris)
     aws_env = storage.ray_env() if uses_s3 else {}
     runtime_env = {"env_vars": aws_env} if aws_env else None  # read tasks may run where the driver's env is not

@@ -179,3 +179,16 @@ class TokenShards:
         shard, row = self._locate(int(i))
         offsets, starts = self._starts[shard]
         return starts[offsets[row] : offsets[row + 1]]
+
+    def target_bytes(self, i: int, byte_lengths: np.ndarray, dummy_prefix: bool) -> int:
+        """UTF-8 bytes of the text behind sequence i's targets (tokens 1..seq_len), for bits per byte.
+
+        `byte_lengths` is `Tokenizer.byte_lengths()`; a document's first piece carries SentencePiece's dummy-prefix
+        space, which is not in the text, so one byte comes off for each document whose first piece is a target."""
+        window = self[i]
+        total = int(byte_lengths[window[1:]].sum())
+        if dummy_prefix:
+            firsts = self.doc_starts(i).astype(np.int64) + 1  # a document's first piece follows its BOS
+            firsts = firsts[firsts <= self.seq_len]
+            total -= int(np.count_nonzero(byte_lengths[window[firsts]] > 0))
+        return total

@@ -77,6 +77,33 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def decode_continuation(self, prefix: list[int], new: list[int]) -> str:
+        """The text `new` adds after `prefix`. Decoding `new` alone would lose the space SentencePiece keeps in its
+        first piece ("▁be" after "would" decodes as "be"), so the two are decoded together and the prefix cut off."""
+        prefix = [int(i) for i in prefix]
+        head = self.decode(prefix)
+        full = self.decode(prefix + [int(i) for i in new])
+        return full[len(head):] if full.startswith(head) else self.decode(new)
+
+    def byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes each token id stands for: control tokens 0, byte-fallback pieces 1, '▁' a space.
+
+        With it, the bytes behind any run of token ids is a sum, which bits per byte needs for packed shards whose
+        text is not at hand. SentencePiece's dummy prefix (the '▁' it puts before a document's first word) is
+        counted here; `document_bytes` takes it off at each document start."""
+        sp = self._sp
+        out = np.zeros(sp.vocab_size(), dtype=np.int64)
+        for i in range(sp.vocab_size()):
+            if sp.is_control(i) or sp.is_unknown(i):
+                continue
+            out[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return out
+
+    @property
+    def adds_dummy_prefix(self) -> bool:
+        """Whether encoding puts a '▁' before the first word (SentencePiece's default, which athanor keeps)."""
+        return self._sp.encode("a", out_type=str)[0].startswith("\u2581")
+
 
 def sample_key(doc_id: str, seed: int) -> int:
     """Seeded 64-bit hash of a document id: the sample is the documents with the smallest keys."""

@@ -66,6 +66,13 @@ def test_mlflow_run_has_per_step_metrics_and_falling_loss(smoke_run):
     first, last = sum(loss[:5]) / 5, sum(loss[-5:]) / 5
     assert last < first - 1.0, (first, last)
     assert "curate.read.in" in run.data.metrics and "curate.quality.kept" in run.data.metrics
+    # periodic evaluation: validation loss and bits per byte, and the extra named set of configs/smoke.yaml
+    evals = {name: client.get_metric_history(run.info.run_id, name)
+             for name in ("val_loss", "val_bpb", "eval/books/loss", "eval/books/bits_per_byte")}
+    for name, history in evals.items():
+        assert sorted(m.step for m in history) == [100, 200, 300], name
+    val_bpb = sorted(evals["val_bpb"], key=lambda m: m.step)
+    assert 0.5 < val_bpb[-1].value < val_bpb[0].value  # learning shows in bits per byte too
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "tokenizer", "data", "checkpoint", "curation"} <= artifacts
     manifest = json.loads((workdir / "manifest.json").read_text())

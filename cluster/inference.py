@@ -1,0 +1,216 @@
+"""Batch inference on Ray Data: an actor pool with one model per actor, fed batches of token windows or prompts.
+
+This is the one inference path of the project. `athanor eval` scores windows with `WindowScorer`, `athanor generate`
+continues prompts with `TextGenerator`, and the lm-eval adapter, DPO's reference log-probs and the perplexity of a
+quantized model run the same classes (in a Ray Data pool, or in-process through `InferenceModel`). An actor loads
+its model once in `__init__`, on the GPU Ray gives it when the pool asks for one, else on CPU with `cpus` threads.
+
+A model is an athanor checkpoint (or a run folder: its newest checkpoint) or a Hugging Face Llama folder such as
+`athanor export` writes; either way it comes with its SentencePiece tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from athanor.config import ModelConfig
+from athanor.model.scoring import score_windows
+from athanor.model.transformer import Transformer
+from athanor.pipelines.tokenizer import Tokenizer
+
+
+@dataclass
+class InferenceModel:
+    """A model ready to score and generate, with the tokenizer its ids belong to."""
+
+    model: Transformer
+    config: ModelConfig
+    tokenizer: Tokenizer
+    source: Path  # the checkpoint or HF folder it came from
+    context: int  # tokens per window: the sequence length it was trained on, when known
+    step: int | None = None  # the training step of an athanor checkpoint
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+@dataclass
+class ModelSource:
+    """Where a model's weights and tokenizer are, and what it was trained for, read without loading the weights."""
+
+    directory: Path  # the checkpoint folder (fetched into the node-local cache from s3:// or gs://) or HF folder
+    hf: bool
+    context: int  # the sequence length it was trained on (the training shards' seq_len), else its max_seq_len
+    step: int | None  # the training step of an athanor checkpoint
+
+    @property
+    def tokenizer_path(self) -> Path:
+        from athanor.cluster.checkpoint import TOKENIZER_FILE
+
+        path = self.directory / TOKENIZER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.directory} has no {TOKENIZER_FILE} (a SentencePiece model) beside the "
+                                    "weights; athanor's scoring and generation need it")
+        return path
+
+
+def describe(path: str | Path) -> ModelSource:
+    """An HF Llama folder, an athanor checkpoint, or a run folder (its newest checkpoint)."""
+    from athanor.cluster.checkpoint import find_checkpoint, read_trainer_state
+    from athanor.model.hf_import import HF_CONFIG, is_hf_folder
+
+    if not str(path).startswith(("s3://", "gs://")) and is_hf_folder(path):
+        hf = json.loads((Path(path) / HF_CONFIG).read_text())
+        return ModelSource(Path(path), True, int(hf.get("max_position_embeddings", 2048)), None)
+    directory = find_checkpoint(path)
+    state = read_trainer_state(directory)
+    max_len = state["model_config"].get("max_seq_len", 2048)
+    return ModelSource(directory, False, min(state.get("seq_len") or max_len, max_len), state["step"])
+
+
+def load_for_inference(path: str | Path, device: str | None = None) -> InferenceModel:
+    """An athanor checkpoint / run folder, or an HF Llama folder, on `device` (default: CUDA when present, bf16)."""
+    from athanor.cluster.checkpoint import load_model
+    from athanor.model.hf_import import load_hf_folder
+
+    source = describe(path)
+    model, cfg = load_hf_folder(source.directory) if source.hf else load_model(source.directory)[:2]
+    tokenizer = Tokenizer(source.tokenizer_path, num_threads=1)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+    if device.startswith("cuda"):
+        model = model.to(torch.bfloat16)
+    return InferenceModel(model.eval(), cfg, tokenizer, source.directory, source.context, source.step)
+
+
+class WindowScorer:
+    """Ray Data actor: adds `logprob` (sum over the scored targets, nats) and `greedy` to each window row.
+
+    Rows carry `tokens` (the window) and `n_scored`; a row with n_scored 0 (an input that failed upstream) passes
+    through with logprob 0, so its error reaches the output instead of vanishing.
+    """
+
+    def __init__(self, checkpoint: str, batch_size: int = 16, cpus: int = 1):
+        torch.set_num_threads(max(1, cpus))
+        self.m = load_for_inference(checkpoint)
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n_scored = np.asarray(batch["n_scored"], dtype=np.int64)
+        live = np.flatnonzero(n_scored > 0)
+        logprob = np.zeros(len(n_scored))
+        greedy = np.zeros(len(n_scored), dtype=bool)
+        if len(live):
+            scores = score_windows(self.m.model, [np.asarray(batch["tokens"][i]).tolist() for i in live],
+                                   n_scored[live].tolist(), self.m.tokenizer.pad_id, self.batch_size)
+            logprob[live] = [s.logprob for s in scores]
+            greedy[live] = [s.greedy for s in scores]
+        out = {k: v for k, v in batch.items() if k != "tokens"}
+        return {**out, "logprob": logprob, "greedy": greedy}
+
+
+GENERATION_DEFAULTS: dict[str, Any] = {
+    "max_new_tokens": 64, "temperature": 0.0, "top_k": None, "top_p": None, "repetition_penalty": 1.0,
+    "num_beams": 1, "length_penalty": 1.0, "early_stopping": False, "stop": None, "seed": 0,
+}
+
+
+class TextGenerator:
+    """Ray Data actor: continues the `prompt` of each row; writes `completion`, `tokens_generated`, `finish_reason`.
+
+    Settings come from the command line (`defaults`) and may be overridden per row by a column of the same name
+    (a JSONL prompt file may give each prompt its own max_new_tokens, seed or stop strings). Rows of one batch that
+    share settings are generated together: different lengths, one KV-cache batch, EOS ending each row on its own.
+    """
+
+    def __init__(self, checkpoint: str, defaults: dict[str, Any] | None = None, cpus: int | None = 1):
+        if cpus:  # None: keep torch's own thread count (the one-prompt CLI runs in the user's process)
+            torch.set_num_threads(cpus)
+        self.m = load_for_inference(checkpoint)
+        self.defaults = {**GENERATION_DEFAULTS, **(defaults or {})}
+
+    def settings(self, batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+        """This row's settings: its own column values where set, the defaults elsewhere."""
+        s = dict(self.defaults)
+        for k in s:
+            v = batch[k][i] if k in batch else None
+            if v is None or (isinstance(v, float) and np.isnan(v)):
+                continue
+            s[k] = json.loads(v) if k == "stop" else v.item() if hasattr(v, "item") else v
+        if isinstance(s["stop"], str):
+            s["stop"] = [s["stop"]]
+        return s
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from athanor.model.generate import generate_batch, truncate_at_stop
+
+        n = len(batch["prompt"])
+        errors = list(batch["error"]) if "error" in batch else [None] * n
+        completion: list[str | None] = [None] * n
+        generated = np.zeros(n, dtype=np.int64)
+        finish: list[str | None] = [None] * n
+        tok = self.m.tokenizer
+        groups: dict[str, list[tuple[int, dict]]] = {}
+        for i in range(n):
+            if errors[i]:
+                continue
+            s = self.settings(batch, i)
+            key = json.dumps({k: v for k, v in s.items() if k != "seed"}, sort_keys=True, default=str)
+            groups.setdefault(key, []).append((i, s))
+        for members in groups.values():
+            idx = [i for i, _ in members]
+            s = members[0][1]
+            prompts = [[tok.bos_id] + tok.encode([str(batch["prompt"][i])])[0] for i in idx]
+            limit = self.m.config.max_seq_len
+            ok = [j for j, p in enumerate(prompts) if len(p) + int(s["max_new_tokens"]) <= limit]
+            for j in set(range(len(idx))) - set(ok):
+                errors[idx[j]] = (f"prompt_too_long: {len(prompts[j])} prompt tokens + max_new_tokens "
+                                  f"{int(s['max_new_tokens'])} exceed the model's context of {limit}")
+            if not ok:
+                continue
+            outs = generate_batch(
+                self.m.model, [prompts[j] for j in ok], int(s["max_new_tokens"]), temperature=float(s["temperature"]),
+                top_k=None if s["top_k"] is None else int(s["top_k"]),
+                top_p=None if s["top_p"] is None else float(s["top_p"]),
+                repetition_penalty=float(s["repetition_penalty"]), num_beams=int(s["num_beams"]),
+                length_penalty=float(s["length_penalty"]), early_stopping=bool(s["early_stopping"]),
+                eos_id=tok.eos_id, pad_id=tok.pad_id, seeds=[int(members[j][1]["seed"]) for j in ok],
+                stop=s["stop"], decode=tok.decode,
+            )
+            for j, new in zip(ok, outs):
+                i = idx[j]
+                text = tok.decode_continuation(prompts[j], [t for t in new if t != tok.eos_id])
+                cut = truncate_at_stop(text, s["stop"]) if s["stop"] else text
+                completion[i] = cut
+                generated[i] = len(new)
+                finish[i] = ("eos" if new and new[-1] == tok.eos_id else "stop" if cut != text
+                             else "length")
+        return {**batch, "completion": np.array(completion, dtype=object), "tokens_generated": generated,
+                "finish_reason": np.array(finish, dtype=object), "error": np.array(errors, dtype=object)}
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def map_with_model(ds, actor_cls, checkpoint: str, *, actors: int, batch_rows: int, cpus: int = 1,
+                   use_gpu: bool | None = None, **kwargs):
+    """`ds` through a pool of `actors` copies of `actor_cls`, each holding the model (one GPU each when asked or,
+    with use_gpu None, when the cluster has GPUs), `batch_rows` rows per call."""
+    from ray.data import ActorPoolStrategy
+
+    gpu = cluster_has_gpus() if use_gpu is None else use_gpu
+    return ds.map_batches(
+        actor_cls, fn_constructor_kwargs={"checkpoint": str(checkpoint), "cpus": cpus, **kwargs},
+        compute=ActorPoolStrategy(size=actors), batch_size=batch_rows, batch_format="numpy", num_cpus=cpus,
+        num_gpus=1 if gpu else 0,
+    )
