@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
-import subprocess
-import tempfile
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,25 +26,11 @@ from pathlib import Path
 from athanor.config import ExtractConfig
 from athanor.pipelines.extract import html_to_text
 
-PACKAGE = "python3.11-doc"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from build_instructions import fetch_pydoc  # noqa: E402 - the same package, fetched one way
+
 WORD = re.compile(r"\w+")
 REST_MARKUP = re.compile(r"^\s*\.\. [\w:-]+::|^\s*:[\w-]+:(?=\s|$)|:[\w:+-]+:(?=`)", re.MULTILINE)
-
-
-def fetch_pydoc(data: Path) -> Path:
-    html = data / "pydoc" / "html"
-    if html.exists():
-        return html
-    with tempfile.TemporaryDirectory() as tmp:
-        download = ["apt-get", "download", PACKAGE]
-        if subprocess.run(download, cwd=tmp).returncode != 0:
-            subprocess.run(["apt-get", "update", "-qq"], check=True)
-            subprocess.run(download, cwd=tmp, check=True)
-        deb = next(Path(tmp).glob(f"{PACKAGE}_*.deb"))
-        subprocess.run(["dpkg-deb", "-x", str(deb), f"{tmp}/root"], check=True)
-        html.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(f"{tmp}/root/usr/share/doc/python3.11/html", html)
-    return html
 
 
 def page_pairs(html: Path, limit: int | None) -> list[tuple[Path, Path]]:
