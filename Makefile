@@ -8,7 +8,7 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 
 .PHONY: setup demo test data clean
 
-setup: $(VENV)/.installed data/SOURCES.json
+setup: $(VENV)/.installed data/SOURCES.json data/eval/manifest.json
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,15 @@ $(VENV)/.installed: pyproject.toml
 data/SOURCES.json: scripts/fetch_data.py | $(VENV)/.installed
 	$(BIN)/python scripts/fetch_data.py --dest data
 
-data: data/SOURCES.json
+# lm-eval tasks (cloze, continuation choice) built from the fetched books and news: see configs/lm_eval/README.md
+data/eval/manifest.json: scripts/build_eval_tasks.py data/SOURCES.json
+	$(BIN)/python scripts/build_eval_tasks.py --data data
+
+# instruction pairs from the Python FAQ (Debian python3.11-doc): see scripts/build_instructions.py
+data/instructions/SOURCES.json: scripts/build_instructions.py | $(VENV)/.installed
+	$(BIN)/python scripts/build_instructions.py --data data
+
+data: data/SOURCES.json data/eval/manifest.json data/instructions/SOURCES.json
 
 demo: setup
 	$(BIN)/athanor run $(CONFIG)
