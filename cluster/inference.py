@@ -141,7 +141,7 @@ class TextGenerator:
         s = dict(self.defaults)
         for k in s:
             v = batch[k][i] if k in batch else None
-            if v is None or (isinstance(v, float) and np.isnan(v)):
+            if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)):
                 continue
             s[k] = json.loads(v) if k == "stop" else v.item() if hasattr(v, "item") else v
         if isinstance(s["stop"], str):
@@ -175,15 +175,20 @@ class TextGenerator:
                                   f"{int(s['max_new_tokens'])} exceed the model's context of {limit}")
             if not ok:
                 continue
-            outs = generate_batch(
-                self.m.model, [prompts[j] for j in ok], int(s["max_new_tokens"]), temperature=float(s["temperature"]),
-                top_k=None if s["top_k"] is None else int(s["top_k"]),
-                top_p=None if s["top_p"] is None else float(s["top_p"]),
-                repetition_penalty=float(s["repetition_penalty"]), num_beams=int(s["num_beams"]),
-                length_penalty=float(s["length_penalty"]), early_stopping=bool(s["early_stopping"]),
-                eos_id=tok.eos_id, pad_id=tok.pad_id, seeds=[int(members[j][1]["seed"]) for j in ok],
-                stop=s["stop"], decode=tok.decode,
-            )
+            try:
+                outs = generate_batch(
+                    self.m.model, [prompts[j] for j in ok], int(s["max_new_tokens"]),
+                    temperature=float(s["temperature"]), top_k=None if s["top_k"] is None else int(s["top_k"]),
+                    top_p=None if s["top_p"] is None else float(s["top_p"]),
+                    repetition_penalty=float(s["repetition_penalty"]), num_beams=int(s["num_beams"]),
+                    length_penalty=float(s["length_penalty"]), early_stopping=bool(s["early_stopping"]),
+                    eos_id=tok.eos_id, pad_id=tok.pad_id, seeds=[int(members[j][1]["seed"]) for j in ok],
+                    stop=s["stop"], decode=tok.decode,
+                )
+            except ValueError as err:  # settings generate_batch refuses (e.g. beams with sampling): these rows only
+                for j in ok:
+                    errors[idx[j]] = f"bad_settings: {err}"
+                continue
             for j, new in zip(ok, outs):
                 i = idx[j]
                 text = tok.decode_continuation(prompts[j], [t for t in new if t != tok.eos_id])

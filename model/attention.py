@@ -3,6 +3,9 @@
 All three take q [B, Tq, H, D] and k, v [B, Tk, Hkv, D] (flash-attn's layout) with H a multiple of Hkv (grouped-query
 attention) and return [B, Tq, H, D]. When Tq < Tk (decoding with a KV cache) the causal mask is aligned to the
 bottom-right corner, so query i sees keys up to Tk - Tq + i, which is what flash-attn does natively.
+
+Left-padded batches (batched generation) pass instead a boolean `mask` [B, 1, Tq, Tk] from `padding_mask`, which
+already holds the causal part. Training passes none and keeps the unmasked fast paths.
 """
 
 from __future__ import annotations
@@ -44,15 +47,33 @@ def resolve_backend(name: str, q: torch.Tensor) -> str:
     return "sdpa"
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto", mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal attention; `mask` (True = may attend, causality included) replaces the built-in causal mask."""
     backend = resolve_backend(backend, q)
+    if backend == "flash" and mask is not None:
+        backend = "sdpa"  # flash_attn_func takes no padding mask (its varlen API would need unpadding): use SDPA
     if backend == "flash":
         return _flash(q, k, v)
     if backend == "sdpa":
-        return _sdpa(q, k, v)
+        return _sdpa(q, k, v, mask)
     if backend == "math":
-        return _math(q, k, v)
+        return _math(q, k, v, mask)
     raise ValueError(f"unknown attention backend '{backend}'")
+
+
+def padding_mask(key_mask: torch.Tensor, tq: int) -> torch.Tensor:
+    """Boolean [B, 1, Tq, Tk] from a key mask [B, Tk] (1 = real token, 0 = pad): causal and real keys only.
+
+    Every query may also see its own key, so a pad query is never fully masked: SDPA gives NaN for such a row, and a
+    NaN in a pad's output would reach real tokens in the next layer (0 attention weight * NaN is still NaN).
+    """
+    tk = key_mask.shape[1]
+    q_idx = torch.arange(tk - tq, tk, device=key_mask.device)[:, None]
+    k_idx = torch.arange(tk, device=key_mask.device)[None, :]
+    allowed = ((k_idx <= q_idx) & key_mask.bool()[:, None, :]) | (k_idx == q_idx)
+    return allowed[:, None]
 
 
 def _causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
@@ -66,10 +87,12 @@ def _flash(q, k, v):
     return flash_attn_func(q, k, v, causal=True)
 
 
-def _sdpa(q, k, v):
+def _sdpa(q, k, v, mask=None):
     tq, tk = q.shape[1], k.shape[1]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants [B, H, T, D]
-    if tq == tk:
+    if mask is not None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    elif tq == tk:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     else:  # is_causal would align top-left; give the bottom-right mask explicitly
         mask = _causal_mask(tq, tk, q.device)
@@ -77,7 +100,7 @@ def _sdpa(q, k, v):
     return out.transpose(1, 2)
 
 
-def _math(q, k, v):
+def _math(q, k, v, mask=None):
     """The textbook definition, in float32; the reference the fused kernels are tested against."""
     dtype = q.dtype
     groups = q.shape[2] // k.shape[2]
@@ -85,6 +108,8 @@ def _math(q, k, v):
     v = v.repeat_interleave(groups, dim=2)
     q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~_causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    if mask is None:
+        mask = _causal_mask(q.shape[2], k.shape[2], q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
     out = scores.softmax(dim=-1) @ v
     return out.transpose(1, 2).to(dtype)

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from athanor.config import ModelConfig
-from athanor.model.attention import causal_attention, check_backend
+from athanor.model.attention import causal_attention, check_backend, padding_mask
 from athanor.model.mlp import FeedForward, ffn_hidden_size
 from athanor.model.moe import MoE
 
@@ -34,10 +34,15 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, T, H, D] by position; pairs are (i, i + D/2). Computed in float32."""
+    """Rotate x [B, T, H, D] by position; pairs are (i, i + D/2). Computed in float32.
+
+    cos, sin are [T, D] (every row at the same positions) or [B, T, D] (per-row positions, e.g. left padding).
+    """
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return (x.float() * cos + rotated * sin).type_as(x)
 
 
@@ -61,6 +66,18 @@ class KVCache:
         self.values[layer][:, self.pos : end] = v
         return self.keys[layer][:, :end], self.values[layer][:, :end]
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the batch rows `index`, in that order: beam search follows its surviving beams (rows may repeat),
+        and batched decoding drops finished rows."""
+        for store in (self.keys, self.values):
+            for layer, t in enumerate(store):
+                if t is None:
+                    continue
+                if len(index) == t.shape[0]:  # beam search, every step: copy only the filled part
+                    t[:, : self.pos] = t[index, : self.pos]
+                else:
+                    store[layer] = t.index_select(0, index)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
@@ -73,7 +90,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, mask: torch.Tensor | None = None):
         b, t, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds n_heads / tp of them.
         q = apply_rope(self.wq(x).view(b, t, -1, self.head_dim), cos, sin)
@@ -81,7 +98,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, t, -1, self.head_dim)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)
-        out = causal_attention(q, k, v, self.backend)
+        out = causal_attention(q, k, v, self.backend, mask)
         return self.wo(out.reshape(b, t, -1))
 
 
@@ -94,8 +111,8 @@ class Block(nn.Module):
         is_moe = cfg.moe_num_experts > 0 and (layer_id + 1) % cfg.moe_every == 0
         self.feed_forward = MoE(cfg) if is_moe else FeedForward(cfg.dim, ffn_hidden_size(cfg))
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache: KVCache | None = None, mask: torch.Tensor | None = None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -135,16 +152,39 @@ class Transformer(nn.Module):
                 if isinstance(module, FeedForward):
                     nn.init.normal_(module.w2.weight, mean=0.0, std=residual_std)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, vocab]. With a cache, tokens continue the cached positions."""
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab]. With a cache, tokens continue the cached positions.
+
+        For left-padded batches, `attention_mask` [B, T_total] covers every position so far, cached ones included
+        (1 = real token, 0 = pad, as in Hugging Face), and `positions` [B, T] are each row's RoPE positions; they
+        default to the count of real tokens before each one, so a row's real tokens get the positions they would
+        have unpadded. Without either, training's path is unchanged: shared positions, the kernels' own causal mask.
+        """
         start = cache.pos if cache is not None else 0
         end = start + tokens.shape[1]
         if end > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (tokens.shape[0], end):
+                raise ValueError(f"attention_mask must be [batch, {end}] (all positions so far), "
+                                 f"got {list(attention_mask.shape)}")
+            mask = padding_mask(attention_mask, tokens.shape[1])
+            if positions is None:
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+        if positions is None:
+            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, cache)
+            h = layer(h, cos, sin, cache, mask)
         if cache is not None:
             cache.pos = end
         return self.output(self.norm(h))

@@ -168,3 +168,53 @@ def test_eval_cli_logs_val_shards_and_inputs_to_a_linked_mlflow_run(smoke_run, d
     assert client.get_metric_history(eval_run.info.run_id, "eval/alice29/loss")[0].step == summary["step"] == 300
     artifacts = {a.path for a in client.list_artifacts(eval_run.info.run_id, "eval/smoke-eval")}
     assert "eval/smoke-eval/per_source.json" in artifacts
+
+
+def test_a_continuation_keeps_the_space_its_first_piece_encodes(sp_model):  # noqa: F811
+    """`athanor generate --prompt "...the government would"` once printed "wouldbe": decoding the new ids alone
+    drops the space SentencePiece keeps in the first new piece."""
+    from athanor.pipelines.tokenizer import Tokenizer
+
+    tok = Tokenizer(sp_model)
+    prompt = [tok.bos_id, *tok.encode(["Alice said the Queen would"])[0]]
+    new = tok.encode(["Alice said the Queen would be very cross"])[0][len(prompt) - 1 :]
+    assert tok.decode(new) == "be very cross"  # what the old code printed after the prompt
+    assert tok.decode_continuation(prompt, new) == " be very cross"
+
+
+@pytest.mark.slow
+def test_generate_file_answers_every_line_in_order_and_names_bad_ones(tiny, tmp_path, ray_local):
+    from athanor.cluster.generation import generate_file
+    from athanor.model.generate import generate
+    from athanor.pipelines.tokenizer import Tokenizer
+
+    model, cfg, ckpt, _ = tiny
+    prompts = tmp_path / "prompts.jsonl"
+    long_prompt = "Alice " * 200  # more tokens than the model's context of 128
+    prompts.write_bytes(
+        b'{"id": "a", "prompt": "Alice was beginning to get very tired"}\n'
+        b'{"prompt": "The Queen said", "max_new_tokens": 5}\n'
+        b'\n'
+        b'{"prompt": 42}\n'
+        b'this is not json\n'
+        + json.dumps({"prompt": long_prompt}).encode() + b'\n'
+        b'{"prompt": "caf\xe9"}\n'
+        b'{"prompt": "   "}\n'
+        b'{"prompt": "Down the rabbit hole", "stop": ["."]}\n'
+    )
+    out = tmp_path / "out.jsonl"
+    counts = generate_file(str(ckpt), str(prompts), str(out), {"max_new_tokens": 12}, batch_rows=4)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["line"] for r in lines] == [1, 2, 4, 5, 6, 7, 8, 9]  # the blank line 3 is not a prompt
+    errors = {r["line"]: r["error"] for r in lines if r["error"]}
+    assert errors[4].startswith("missing_prompt") and errors[5].startswith("bad_json")
+    assert errors[6].startswith("prompt_too_long") and errors[7].startswith("undecodable")
+    assert errors[8].startswith("empty_prompt") and f"{prompts}:5" in errors[5]
+    assert counts["error"] == 5 and sum(counts.values()) == 8
+    first, second = lines[0], lines[1]
+    assert first["id"] == "a" and second["tokens_generated"] <= 5
+    tok = Tokenizer(ckpt / "tokenizer.model")
+    ids = [tok.bos_id, *tok.encode([first["prompt"]])[0]]
+    expected = generate(model, ids, 12, temperature=0, eos_id=tok.eos_id)  # the one-prompt path, greedy
+    assert first["completion"] == tok.decode_continuation(ids, [t for t in expected if t != tok.eos_id])
+    assert "." not in lines[-1]["completion"]  # cut at the stop string
