@@ -289,6 +289,37 @@ class TrainConfig(_Section):
         return self
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class FinetuneConfig(_Section):
+    """`athanor finetune`: supervised fine-tuning of a trained model on instruction data, with LoRA or in full.
+
+    Optimizer and schedule come from the `train` section (lr, max_steps, warmup_steps, batch sizes, ...), and so do
+    the worker range, checkpoints and evaluation: fine-tuning runs the training loop, with its own data and loss.
+    """
+
+    base: str | None = None  # an athanor checkpoint, a run folder (its newest checkpoint) or an HF Llama folder
+    method: Literal["lora", "full"] = "lora"
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[Literal["q", "k", "v", "o", "gate", "up", "down"]] = Field(
+        default_factory=lambda: list(LORA_TARGETS))
+    rslora: bool = False  # scale by alpha / sqrt(rank) (rank-stabilized LoRA) instead of alpha / rank
+    train_files: list[str] = Field(default_factory=list)  # JSONL: {prompt, response} or {messages: [...]}
+    val_files: list[str] = Field(default_factory=list)  # held-out examples; none: val_fraction of train_files
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seq_len: int = Field(512, ge=8)  # tokens per packed window; longer examples are dropped as too_long
+    shard_sequences: int = Field(1024, ge=1)
+
+    @model_validator(mode="after")
+    def _targets(self) -> "FinetuneConfig":
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one of " + ", ".join(LORA_TARGETS))
+        return self
+
+
 class EvalConfig(_Section):
     """`athanor eval`: log-likelihood of the run's validation shards and of extra inputs, as Ray Data batch inference."""
 
@@ -323,6 +354,7 @@ class AthanorConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from athanor import storage
 from athanor.config import ModelConfig
@@ -67,7 +67,7 @@ class SafeFileSystemReader(FileSystemReader):
 def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
                     rank: int, tokenizer_model: Path | None) -> None:
     """Collective: every rank writes its shards of model and optimizer; rank 0 adds the JSON state and tokenizer."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
     rng = directory / "rng"
     rng.mkdir(exist_ok=True)
@@ -97,14 +97,22 @@ def load_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: to
                     rank: int) -> dict:
     """Collective: restore model and optimizer in place, resharded to this run's layout; returns the trainer state."""
     directory = Path(directory)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    options = _options(model)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
     _dcp_load(state, directory)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=options)
     rng_file = directory / "rng" / f"rank_{rank}.pt"
     if rng_file.is_file():  # a rank that did not exist before the resize keeps its fresh seed
         _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
     return read_trainer_state(directory)
+
+
+def _options(model: torch.nn.Module) -> StateDictOptions:
+    """A model with frozen parameters (LoRA) checkpoints only what trains: its base comes from `finetune.base`."""
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
 
 
 class CheckpointError(ValueError):
@@ -171,19 +179,32 @@ def _fetch_newest(root: storage.Uri) -> Path:
     return storage.fetch_tree(newest.parent)
 
 
-def load_model(path: str | Path, device: str = "cpu"):
+def load_model(path: str | Path, device: str = "cpu", merge: bool = True):
     """(model in eval mode, its ModelConfig, the checkpoint folder) from a checkpoint or a run folder.
 
-    One process, no process group: DCP reads every shard and assembles whole tensors.
+    One process, no process group: DCP reads every shard and assembles whole tensors. A LoRA fine-tune's checkpoint
+    is its adapters: they are loaded onto its base model and, with `merge`, folded into the weights (a plain
+    Transformer); without, the model keeps its LoRALinear modules (for exporting the adapter).
     """
     from athanor.model.transformer import Transformer
 
     directory = find_checkpoint(path)
-    mcfg = ModelConfig.model_validate(read_trainer_state(directory)["model_config"])
+    trainer_state = read_trainer_state(directory)
+    mcfg = ModelConfig.model_validate(trainer_state["model_config"])
     model = Transformer(mcfg)
-    state = {"model": model.state_dict()}
+    lora = (trainer_state.get("finetune") or {}).get("method") == "lora"
+    if lora:  # the checkpoint holds the adapters; the base weights come from where fine-tuning started
+        from athanor.cluster.inference import base_state_dict
+        from athanor.model.lora import apply_lora, lora_state_dict, merge_lora
+
+        ft = trainer_state["finetune"]
+        model.load_state_dict(base_state_dict(ft["base"]))
+        apply_lora(model, ft["rank"], ft["alpha"], ft["dropout"], tuple(ft["target_modules"]), ft["rslora"])
+    state = {"model": lora_state_dict(model) if lora else model.state_dict()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*load in a single process")
         _dcp_load(state, directory)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["model"], strict=not lora)
+    if lora and merge:
+        merge_lora(model)
     return model.to(device).eval(), mcfg, directory

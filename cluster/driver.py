@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from athanor import storage
-from athanor.config import AthanorConfig
+from athanor.config import AthanorConfig, ConfigError
 from athanor.layout import RunLayout
 from athanor.storage import Location
 
@@ -27,6 +27,7 @@ log = logging.getLogger("athanor")
 STAGE_INPUTS = {
     "curate": ("data", "curate"),
     "tokenize": ("data", "curate", "tokenize", "run"),
+    "finetune_data": ("finetune", "run"),
 }
 
 
@@ -94,6 +95,21 @@ def _mark_done(cfg: AthanorConfig, layout: RunLayout, stage: str, seconds: float
     storage.write_text(_marker(layout, stage), json.dumps(payload))
 
 
+def resolve_local_paths(cfg: AthanorConfig) -> AthanorConfig:
+    """Fine-tuning's base model and files as absolute paths: Ray Train runs workers in a folder of its own, and the
+    checkpoint records where its base came from."""
+    ft = cfg.finetune
+    if not (ft.base or ft.train_files or ft.val_files):
+        return cfg
+
+    def absolute(p: str) -> str:
+        return p if storage.is_uri(p) else str(Path(p).resolve())
+
+    update = {"base": absolute(ft.base) if ft.base else None, "train_files": [absolute(p) for p in ft.train_files],
+              "val_files": [absolute(p) for p in ft.val_files]}
+    return cfg.model_copy(update={"finetune": ft.model_copy(update=update)})
+
+
 @dataclass
 class RunReport:
     run_id: str
@@ -109,6 +125,7 @@ class Driver:
     """Runs the stages of one config against its working folder and one MLflow run."""
 
     def __init__(self, cfg: AthanorConfig, force: bool = False):
+        cfg = resolve_local_paths(cfg)
         self.cfg = cfg
         self.layout = RunLayout.from_workdir(cfg.run.workdir)
         self.force = force
@@ -167,14 +184,43 @@ class Driver:
         self.report.manifest = manifest
         return manifest
 
-    def train(self):
+    def finetune(self):
+        """Instruction data packed under <workdir>/sft (skipped when up to date), then the training loop with the
+        fine-tuning objective: the base model's weights, LoRA or full, loss on responses only."""
+        from athanor.pipelines.instructions import pack_instructions
+
+        from .inference import describe
+
+        base = self.cfg.finetune.base
+        if not base:
+            raise ConfigError("finetune.base: name the model to fine-tune (an athanor checkpoint, a run folder or an "
+                              "HF Llama folder)")
+        inside = not storage.is_uri(base) and not self.layout.remote and Path(base).is_relative_to(
+            self.layout.root.resolve())
+        if inside:
+            raise ConfigError(f"finetune.base ({base}) lies inside run.workdir ({self.layout.root}): fine-tune into a "
+                              "workdir of its own, so its checkpoints never mix with the base run's")
+        source = describe(base)
+        sft = RunLayout(self.layout.root / "sft")
+        if not self._skip("finetune_data"):
+            t0 = time.perf_counter()
+            pack_instructions(self.cfg, sft.root, source.tokenizer_path)
+            self.report.stages["finetune_data"] = time.perf_counter() - t0
+            _mark_done(self.cfg, self.layout, "finetune_data", self.report.stages["finetune_data"])
+        manifest = json.loads(storage.read_bytes(sft.manifest))
+        tracking.log_stage_stats(self.run_id, [{"stage": "finetune_data", **manifest["documents"]}])
+        self.report.manifest = manifest
+        return self.train(objective="finetune", data=sft)
+
+    def train(self, objective: str = "pretrain", data: RunLayout | None = None):
         from .stop import TrainingStopped
         from .train import run_training
 
-        manifest = json.loads(storage.read_bytes(self.layout.manifest))
-        tracking.log_dataset(self.run_id, self.layout.manifest, manifest)
+        data = data or self.layout
+        manifest = json.loads(storage.read_bytes(data.manifest))
+        tracking.log_dataset(self.run_id, data.manifest, manifest)
         t0 = time.perf_counter()
-        result, stopped_by = run_training(self.cfg, self.layout, self.run_id, self.report.tracking_uri)
+        result, stopped_by = run_training(self.cfg, self.layout, self.run_id, self.report.tracking_uri, objective)
         self.report.stages["train"] = time.perf_counter() - t0
         if result.error is not None:
             raise result.error

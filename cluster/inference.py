@@ -61,6 +61,26 @@ class ModelSource:
         return path
 
 
+    def model_config(self) -> ModelConfig:
+        """The architecture, read from config.json or trainer_state.json without loading weights."""
+        from athanor.cluster.checkpoint import read_trainer_state
+        from athanor.model.hf_import import HF_CONFIG, model_config_from_hf
+
+        if self.hf:
+            return model_config_from_hf(json.loads((self.directory / HF_CONFIG).read_text()))
+        return ModelConfig.model_validate(read_trainer_state(self.directory)["model_config"])
+
+
+def base_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The plain Transformer weights of a checkpoint, run folder or HF folder (a LoRA fine-tune's merged)."""
+    from athanor.cluster.checkpoint import load_model
+    from athanor.model.hf_import import load_hf_folder
+
+    source = describe(path)
+    model = load_hf_folder(source.directory)[0] if source.hf else load_model(source.directory)[0]
+    return model.state_dict()
+
+
 def describe(path: str | Path) -> ModelSource:
     """An HF Llama folder, an athanor checkpoint, or a run folder (its newest checkpoint)."""
     from athanor.cluster.checkpoint import find_checkpoint, read_trainer_state

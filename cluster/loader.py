@@ -14,6 +14,23 @@ import torch
 from athanor.pipelines.shards import TokenShards
 
 
+def example_batch(shards: TokenShards, ids: np.ndarray) -> dict[str, torch.Tensor]:
+    """For windows of packed examples: targets ignored (-100) outside the loss mask, and each input token's
+    `document_ids` (which example it belongs to) so attention and RoPE positions restart at every example."""
+    from athanor.model.transformer import IGNORE_INDEX
+
+    seq_len = shards.seq_len
+    targets = torch.from_numpy(np.stack([shards[i][1:] for i in ids]).astype(np.int64))
+    mask = torch.from_numpy(np.stack([shards.loss_mask(i)[1:] for i in ids]).astype(bool))
+    targets[~mask] = IGNORE_INDEX
+    document_ids = torch.zeros(len(ids), seq_len, dtype=torch.long)
+    for row, i in enumerate(ids):
+        starts = shards.doc_starts(i).astype(np.int64)
+        starts = starts[(starts > 0) & (starts < seq_len)]
+        document_ids[row, torch.from_numpy(starts)] = 1
+    return {"targets": targets, "document_ids": document_ids.cumsum(dim=1)}
+
+
 class GlobalBatchLoader:
     """Yields this rank's share of each global batch; the tail of an epoch shorter than a global batch is dropped."""
 
@@ -60,13 +77,18 @@ class GlobalBatchLoader:
             self.epoch, self.consumed, self._order = self.epoch + 1, 0, None
         start = self.consumed + self.rank * self.local_batch_size
         ids = self._epoch_order()[start : start + self.local_batch_size]
+        global_ids = self._epoch_order()[self.consumed : self.consumed + self.global_batch_size]
         windows = torch.from_numpy(np.stack([self.shards[i] for i in ids]).astype(np.int64))
         self.consumed += self.global_batch_size
-        return {
+        batch = {
             "input_ids": windows[:, :-1],
             "targets": windows[:, 1:],
             "sample_ids": torch.from_numpy(ids.astype(np.int64)),
         }
+        if self.shards.has_loss_mask:  # fine-tuning: loss on responses only, examples kept apart
+            batch.update(example_batch(self.shards, ids))
+            batch["global_targets"] = torch.tensor(sum(int(self.shards.loss_mask(i)[1:].sum()) for i in global_ids))
+        return batch
 
     def state_dict(self) -> dict:
         """Where the run is in the global order; the same on every rank and independent of the world size."""

@@ -17,13 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from athanor.config import AthanorConfig, DataConfig, ModelConfig, TrainConfig
 from athanor.layout import RunLayout
+from athanor.model.lora import trainable_parameters
 from athanor.pipelines.tokenizer import Tokenizer
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .objective import objective_for
 from .parallelize import build_mesh, clip_grad_norm_, parallelize
 from .schedule import lr_at
 
@@ -104,15 +107,27 @@ class EvalSet:
 
     name: str
     windows: list[list[int]]
-    n_bytes: list[int]  # UTF-8 bytes behind each window's targets (a document's bytes on its first window)
+    n_bytes: list[int]  # UTF-8 bytes behind each window's scored targets (a document's bytes on its first window)
+    masks: list[list[int]] | None = None  # which targets count (fine-tuning: the responses); None: all
 
 
 def val_shard_set(shards, n: int, tokenizer: Tokenizer) -> EvalSet:
-    """The first n validation sequences, each one window with every target scored."""
+    """The first n validation sequences, each one window with every target scored; in fine-tuning shards (one
+    example per validation window, padded) the example alone, its response targets scored."""
     lengths, dummy = tokenizer.byte_lengths(), tokenizer.adds_dummy_prefix
     ids = range(min(len(shards), n))
-    return EvalSet("val", [shards[i].astype("int64").tolist() for i in ids],
-                   [shards.target_bytes(i, lengths, dummy) for i in ids])
+    if not shards.has_loss_mask:
+        return EvalSet("val", [shards[i].astype("int64").tolist() for i in ids],
+                       [shards.target_bytes(i, lengths, dummy) for i in ids])
+    windows, masks, n_bytes = [], [], []
+    for i in ids:
+        tokens = shards[i].astype("int64")
+        end = int(np.flatnonzero(tokens != tokenizer.pad_id).max()) + 1  # the padding after the example goes
+        mask = shards.loss_mask(i)[1:end].astype(bool)
+        windows.append(tokens[:end].tolist())
+        masks.append(mask.astype(int).tolist())
+        n_bytes.append(int(lengths[tokens[1:end][mask]].sum()))
+    return EvalSet("val", windows, n_bytes, masks)
 
 
 def document_set(name: str, files: list[str], tokenizer_path: str, context: int, max_windows: int,
@@ -148,7 +163,9 @@ def evaluate(model: torch.nn.Module, eval_set: EvalSet, dp_rank: int, dp: int, t
     mine = list(range(min(n, dp_rank * per_rank), min(n, (dp_rank + 1) * per_rank)))
     padded = mine + [mine[-1] if mine else n - 1] * (per_rank - len(mine))
     windows = [eval_set.windows[i] for i in padded]
-    scores = score_windows(model, windows, [len(w) - 1 for w in windows], batch_size=t.micro_batch_size)
+    masks = [eval_set.masks[i] for i in padded] if eval_set.masks else None
+    scores = score_windows(model, windows, [len(w) - 1 for w in windows], batch_size=t.micro_batch_size,
+                           target_masks=masks)
     total = torch.zeros(3, dtype=torch.float64)
     for i, s in zip(mine, scores):
         total += torch.tensor([-s.logprob, s.n_scored, eval_set.n_bytes[i]], dtype=torch.float64)
@@ -171,7 +188,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     started = time.time()  # with the first step's record: how a (re)start's time splits
     cfg = AthanorConfig.model_validate(config["cfg"])
-    layout = RunLayout.from_workdir(config["workdir"]).on_this_node()  # local files: a URI's node-local copy
+    objective = objective_for(cfg, config.get("objective", "pretrain"))
+    workdir = RunLayout.from_workdir(config["workdir"])
+    layout = workdir.on_this_node()  # local files: a URI's node-local copy
+    data = RunLayout(objective.data_root(workdir)).on_this_node()  # the shards this objective trains on
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -179,15 +199,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     torch.set_num_threads(max(1, t.cpus_per_worker))
 
-    train_data = TokenShards(layout.root, "train")
-    mcfg = model_config_for(cfg, train_data.vocab_size)
-    tokenizer = Tokenizer(layout.tokenizer_model, num_threads=1)
-    eval_sets = [val_shard_set(TokenShards(layout.root, "val"), t.eval_batches * t.micro_batch_size, tokenizer)
-                 ] if _has_split(layout, "val") else []
-    eval_sets += [document_set(name, files, str(layout.tokenizer_model), train_data.seq_len,
+    train_data = TokenShards(data.root, "train")
+    mcfg = objective.model_config(train_data.vocab_size)
+    tokenizer = Tokenizer(data.tokenizer_model, num_threads=1)
+    eval_sets = [val_shard_set(TokenShards(data.root, "val"), t.eval_batches * t.micro_batch_size, tokenizer)
+                 ] if _has_split(data, "val") else []
+    eval_sets += [document_set(name, files, str(data.tokenizer_model), train_data.seq_len,
                                t.eval_batches * t.micro_batch_size, cfg.data) for name, files in t.eval_sets.items()]
     dp, dp_rank = world // t.tp_size, rank // t.tp_size
-    model = build_parallel_model(mcfg, t, device, world)
+    model = build_parallel_model(mcfg, t, device, world, objective.prepare)
     optimizer = build_optimizer(model, t)
 
     step, loader_state = 0, None
@@ -212,7 +232,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if logging_rank:
         mlflow.set_tracking_uri(config["mlflow_uri"])
         mlflow.start_run(run_id=config["mlflow_run_id"], log_system_metrics=t.system_metrics)
-        mlflow.log_params({"model.num_params": model.num_params(), "model.vocab_size_resolved": mcfg.vocab_size})
+        trainable, total = trainable_parameters(model)
+        mlflow.log_params({"model.num_params": model.num_params(), "model.vocab_size_resolved": mcfg.vocab_size,
+                           "model.trainable_params": trainable, "model.total_params": total})
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     model.train()
@@ -223,12 +245,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for g in optimizer.param_groups:
             g["lr"] = lr
         batch = loader.next_batch()
-        inputs, targets = batch["input_ids"].to(device), batch["targets"].to(device)
+        on_device = {k: v.to(device) for k, v in batch.items() if k != "sample_ids"}
         loss_sum = torch.zeros((), device=device)
         for i in range(accum):
             sl = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
             with _gradient_sync(model, i == accum - 1), autocast:
-                loss = model.loss(model(inputs[sl]), targets[sl]) / accum
+                loss = objective.micro_loss(model, on_device, sl, accum, dp)
                 loss.backward()
             loss_sum += loss.detach()
         grad_norm = clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -267,19 +289,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if metrics_logger:  # what the checkpoint covers is in MLflow first (see StepMetricsLogger)
                 ray.get(metrics_logger.flush.remote())
             trainer_state = {"step": step, "loader": loader.state_dict(), "world_size": world, "tp_size": t.tp_size,
-                             "seq_len": train_data.seq_len, "model_config": mcfg.model_dump(mode="json")}
-            _report_with_checkpoint(metrics, model, optimizer, trainer_state, rank, layout.tokenizer_model, t)
+                             "seq_len": train_data.seq_len, "model_config": mcfg.model_dump(mode="json"),
+                             **objective.trainer_state()}
+            _report_with_checkpoint(metrics, model, optimizer, trainer_state, rank, data.tokenizer_model, t)
         if stopping:
             break
     if logging_rank:
         mlflow.end_run("KILLED" if step < t.max_steps else "FINISHED")  # KILLED: stopped on request, resumable
 
 
-def build_parallel_model(mcfg: ModelConfig, t: TrainConfig, device: torch.device, world: int):
-    """The model on this rank, parallelized over the (dp, tp) mesh of all workers as the config says."""
+def build_parallel_model(mcfg: ModelConfig, t: TrainConfig, device: torch.device, world: int, prepare=None):
+    """The model on this rank, parallelized over the (dp, tp) mesh of all workers as the config says; `prepare`
+    (the objective's: base weights, LoRA) runs on the whole model on CPU first."""
     from athanor.model.transformer import Transformer
 
-    model = Transformer(mcfg).to(device)
+    model = Transformer(mcfg)
+    if prepare is not None:
+        prepare(model)
+    model = model.to(device)
     if world == 1:  # nothing to shard or synchronize: FSDP2 over one rank only adds DTensor overhead (bench_train.py)
         return parallelize(model, None, activation_checkpointing=t.activation_checkpointing, compile=t.compile)
     mesh = build_mesh(device.type, world, t.tp_size)
@@ -334,7 +361,8 @@ def _report_with_checkpoint(metrics: dict, model, optimizer, trainer_state: dict
     )
 
 
-def run_training(cfg: AthanorConfig, layout: RunLayout, mlflow_run_id: str | None, mlflow_uri: str | None):
+def run_training(cfg: AthanorConfig, layout: RunLayout, mlflow_run_id: str | None, mlflow_uri: str | None,
+                 objective: str = "pretrain"):
     """Build and fit the TorchTrainer; returns Ray Train's Result (its checkpoint is the latest one) and the name of
     the signal that stopped training early, or None when it ran to max_steps (see athanor.cluster.stop)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -361,7 +389,7 @@ def run_training(cfg: AthanorConfig, layout: RunLayout, mlflow_run_id: str | Non
     stop_request = start_stop_request()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "workdir": str(layout.root),
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "workdir": str(layout.root), "objective": objective,
                            "mlflow_run_id": mlflow_run_id, "mlflow_uri": mlflow_uri,
                            "metrics_logger": metrics_logger, "stop_request": stop_request},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),

@@ -76,6 +76,19 @@ def padding_mask(key_mask: torch.Tensor, tq: int) -> torch.Tensor:
     return allowed[:, None]
 
 
+def document_mask(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-diagonal causal mask [B, 1, T, T] of packed examples (document_ids [B, T], non-decreasing along T),
+    and each token's position inside its example [B, T]."""
+    b, t = document_ids.shape
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    mask = same & _causal_mask(t, t, document_ids.device)
+    index = torch.arange(t, device=document_ids.device).expand(b, t)
+    first = torch.ones_like(document_ids, dtype=torch.bool)
+    first[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start = torch.where(first, index, torch.zeros_like(index)).cummax(dim=1).values
+    return mask[:, None], index - start
+
+
 def _causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
     """Boolean [Tq, Tk], True where attention is allowed (bottom-right aligned)."""
     return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)

@@ -61,10 +61,12 @@ def _batch_logprobs(model: torch.nn.Module, windows: list[list[int]], pad_id: in
 
 @torch.no_grad()
 def score_windows(model: torch.nn.Module, windows: list[list[int]], n_scored: list[int], pad_id: int = 0,
-                  batch_size: int = 16) -> list[WindowScore]:
+                  batch_size: int = 16, target_masks: list[list[int]] | None = None) -> list[WindowScore]:
     """Sum of log-probs of each window's last n_scored targets, batched `batch_size` windows per forward pass.
 
-    Windows are sorted by length inside the call so each forward pads little; results come back in input order.
+    `target_masks` (one 0/1 per target) narrows that to the targets marked 1: the responses of a fine-tuning
+    example, wherever they sit. Windows are sorted by length inside the call so each forward pads little; results
+    come back in input order.
     """
     if len(windows) != len(n_scored):
         raise ValueError(f"{len(windows)} windows but {len(n_scored)} n_scored values")
@@ -82,9 +84,12 @@ def score_windows(model: torch.nn.Module, windows: list[list[int]], n_scored: li
             lp, hits = _batch_logprobs(model, [windows[i] for i in idx], pad_id, device)
             for row, i in enumerate(idx):
                 stop = len(windows[i]) - 1
-                first = stop - n_scored[i]
-                out[i] = WindowScore(float(lp[row, first:stop].double().sum()), n_scored[i],
-                                     bool(hits[row, first:stop].all()))
+                keep = torch.zeros(stop, dtype=torch.bool)
+                keep[stop - n_scored[i] :] = True
+                if target_masks is not None:
+                    keep &= torch.as_tensor(target_masks[i], dtype=torch.bool)
+                out[i] = WindowScore(float(lp[row, :stop][keep].double().sum()), int(keep.sum()),
+                                     bool(hits[row, :stop][keep].all()))
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from athanor.config import ModelConfig
-from athanor.model.attention import causal_attention, check_backend, padding_mask
+from athanor.model.attention import causal_attention, check_backend, document_mask, padding_mask
 from athanor.model.mlp import FeedForward, ffn_hidden_size
 from athanor.model.moe import MoE
 
@@ -158,6 +158,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab]. With a cache, tokens continue the cached positions.
 
@@ -165,12 +166,21 @@ class Transformer(nn.Module):
         (1 = real token, 0 = pad, as in Hugging Face), and `positions` [B, T] are each row's RoPE positions; they
         default to the count of real tokens before each one, so a row's real tokens get the positions they would
         have unpadded. Without either, training's path is unchanged: shared positions, the kernels' own causal mask.
+
+        For windows that pack several examples (fine-tuning), `document_ids` [B, T] says which example each token
+        belongs to: a token attends only within its example, and positions restart at each example's first token,
+        so a packed example computes what it would alone.
         """
         start = cache.pos if cache is not None else 0
         end = start + tokens.shape[1]
         if end > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         mask = None
+        if document_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("document_ids is for whole packed windows: no cache, no attention_mask")
+            mask, doc_positions = document_mask(document_ids)
+            positions = doc_positions if positions is None else positions
         if attention_mask is not None:
             if attention_mask.shape != (tokens.shape[0], end):
                 raise ValueError(f"attention_mask must be [batch, {end}] (all positions so far), "

@@ -3,6 +3,8 @@
 One shard is one record batch with two columns:
   tokens      fixed_size_list<uint16 | uint32>[seq_len + 1]   one packed window per row
   doc_starts  list<int32>                                     positions in the window where a document begins
+and, in fine-tuning shards, a third:
+  loss_mask   fixed_size_list<uint8>[seq_len + 1]             1 where the token is to be predicted (a response)
 
 Fixed-size rows make sequence i a zero-copy slice of one flat mmap'd buffer (O(1), no parsing); doc_starts keeps
 document boundaries so document-level attention masking stays possible. The manifest records each shard's size and
@@ -45,15 +47,21 @@ def fingerprint(sha256s: list[str]) -> str:
     return hashlib.sha256("\n".join(sha256s).encode()).hexdigest()
 
 
-def write_shard(path: Location, windows: np.ndarray, doc_offsets: np.ndarray, doc_starts: np.ndarray) -> dict:
+def write_shard(path: Location, windows: np.ndarray, doc_offsets: np.ndarray, doc_starts: np.ndarray,
+                loss_mask: np.ndarray | None = None) -> dict:
     """Write one shard whole (storage.write_bytes) and return its manifest entry (path left absolute).
 
-    `windows` is [n, seq_len + 1] tokens; row i's document starts are doc_starts[doc_offsets[i]:doc_offsets[i+1]].
+    `windows` is [n, seq_len + 1] tokens; row i's document starts are doc_starts[doc_offsets[i]:doc_offsets[i+1]];
+    `loss_mask`, when given, is [n, seq_len + 1] of 0/1.
     """
     n, width = windows.shape
     tokens = pa.FixedSizeListArray.from_arrays(pa.array(windows.reshape(-1)), width)
     starts = pa.ListArray.from_arrays(pa.array(doc_offsets, pa.int32()), pa.array(doc_starts, pa.int32()))
-    batch = pa.record_batch([tokens, starts], names=["tokens", "doc_starts"])
+    columns, names = [tokens, starts], ["tokens", "doc_starts"]
+    if loss_mask is not None:
+        columns.append(pa.FixedSizeListArray.from_arrays(pa.array(loss_mask.reshape(-1).astype(np.uint8)), width))
+        names.append("loss_mask")
+    batch = pa.record_batch(columns, names=names)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, batch.schema) as writer:
         writer.write_batch(batch)
@@ -129,12 +137,13 @@ class TokenShards:
         self.fingerprint: str = manifest["splits"][split]["fingerprint"]
         self._tokens: list[np.ndarray] = []
         self._starts: list[tuple[np.ndarray, np.ndarray]] = []
+        self._masks: list[np.ndarray | None] = []
         self._first: list[int] = []  # global index of each shard's first sequence
         total = 0
         for entry in manifest["splits"][split]["shards"]:
             path = root / entry["path"]
             check_shard(path, entry, verify)
-            tokens, offsets, starts = self._map(path)
+            tokens, offsets, starts, mask = self._map(path)
             if tokens.shape != (entry["sequences"], self.seq_len + 1) or tokens.dtype != self.dtype:
                 raise ShardIntegrityError(
                     f"{path}: holds {tokens.shape} {tokens.dtype} tokens, manifest says "
@@ -143,11 +152,15 @@ class TokenShards:
             self._first.append(total)
             self._tokens.append(tokens)
             self._starts.append((offsets, starts))
+            self._masks.append(mask)
             total += entry["sequences"]
         self._len = total
+        if len({m is None for m in self._masks}) > 1:
+            raise ShardIntegrityError(f"{root}: some {split} shards have a loss_mask column and some do not")
+        self.has_loss_mask = bool(self._masks) and self._masks[0] is not None
 
     @staticmethod
-    def _map(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _map(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         try:
             batch = pa.ipc.open_file(pa.memory_map(str(path))).get_batch(0)
         except (pa.ArrowInvalid, OSError) as err:
@@ -155,10 +168,14 @@ class TokenShards:
         tokens = batch.column("tokens")
         flat = tokens.values.to_numpy(zero_copy_only=True)  # a view into the mmap, no copy
         starts = batch.column("doc_starts")
+        mask = None
+        if "loss_mask" in batch.schema.names:
+            mask = batch.column("loss_mask").values.to_numpy(zero_copy_only=True).reshape(len(tokens), -1)
         return (
             flat.reshape(len(tokens), tokens.type.list_size),
             starts.offsets.to_numpy(zero_copy_only=True),
             starts.values.to_numpy(zero_copy_only=True),
+            mask,
         )
 
     def __len__(self) -> int:
@@ -179,6 +196,12 @@ class TokenShards:
         shard, row = self._locate(int(i))
         offsets, starts = self._starts[shard]
         return starts[offsets[row] : offsets[row + 1]]
+
+    def loss_mask(self, i: int) -> np.ndarray:
+        """Sequence i's 0/1 mask of tokens to predict (fine-tuning shards); all ones for pretraining shards."""
+        shard, row = self._locate(int(i))
+        mask = self._masks[shard]
+        return np.ones(self.seq_len + 1, dtype=np.uint8) if mask is None else mask[row]
 
     def target_bytes(self, i: int, byte_lengths: np.ndarray, dummy_prefix: bool) -> int:
         """UTF-8 bytes of the text behind sequence i's targets (tokens 1..seq_len), for bits per byte.
