@@ -9,6 +9,10 @@ each block does one all-reduce after attention and one after the MLP, and every 
 and n_kv_heads / tp key/value heads (Attention reshapes with -1 heads, so nothing else changes). The embedding is
 split by vocabulary rows and the head by vocabulary columns, both Shard(0) of the same [vocab, dim] matrix, so a tied
 embedding stays tied; the logits are all-gathered so the loss sees the whole vocabulary.
+
+LoRA (athanor.model.lora): a wrapped projection is sharded as its base would be and its adapters split to match
+(`_linear_plan`). Frozen and trainable parameters may share an FSDP2 block: fully_shard all-gathers both and
+reduce-scatters only the gradients that exist, and DDP hooks only parameters that require grad.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from athanor.config import ModelConfig
+from athanor.model.lora import LoRALinear
 from athanor.model.mlp import FeedForward, ffn_hidden_size
 from athanor.model.transformer import Transformer
 
@@ -83,17 +88,35 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
     if tied:  # both are Shard(0) DTensors of the same matrix now; make them one parameter again
         model.output.weight = model.tok_embeddings.weight
     for block in model.layers:
-        plan = {
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(),
-        }
+        splits = {"attention.wq": True, "attention.wk": True, "attention.wv": True, "attention.wo": False}
         for name, module in block.named_modules():
             if isinstance(module, FeedForward):  # the dense MLP, or every expert of an MoE layer
-                plan.update({f"{name}.w1": ColwiseParallel(), f"{name}.w3": ColwiseParallel(),
-                             f"{name}.w2": RowwiseParallel()})
+                splits.update({f"{name}.w1": True, f"{name}.w3": True, f"{name}.w2": False})
+        plan = {}
+        for name, colwise in splits.items():
+            plan.update(_linear_plan(name, block.get_submodule(name), colwise))
         parallelize_module(block, tp_mesh, plan)
+
+
+def _linear_plan(name: str, module: nn.Module, colwise: bool) -> dict:
+    """The TP plan of one projection; for a LoRALinear, the base as a plain one and the adapters split to match.
+
+    Colwise (output features split): B is split by its output features the same way, so each rank adds its slice of
+    B A x to its slice of W x; A sees the whole input and is replicated (r x in, small), its gradient made whole by
+    the all-reduce that B's ColwiseParallel does on its input's gradient. Rowwise (input features split): A is split
+    by its input features the same way and its r outputs are all-reduced, as the base's are; B is replicated. The
+    rank r is never split, so it need not divide tp. Replicated adapters stay plain tensors, like the norms.
+
+    Dropout on the replicated input of A must draw the same mask on every rank of a TP group, or the replicated A
+    would drift apart: it does when every rank seeds torch alike (train.py's `torch.manual_seed(t.seed)`), the
+    convention Megatron also relies on for its replicated regions. (A rowwise A's ranks then drop the same pattern
+    from each slice of the input: still dropout at rate p.)
+    """
+    if not isinstance(module, LoRALinear):
+        return {name: ColwiseParallel() if colwise else RowwiseParallel()}
+    if colwise:
+        return {f"{name}.base": ColwiseParallel(), f"{name}.lora_B": ColwiseParallel()}
+    return {f"{name}.base": RowwiseParallel(), f"{name}.lora_A": RowwiseParallel()}
 
 
 def is_parallel_param(p: torch.Tensor) -> bool:
