@@ -8,7 +8,7 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 
 .PHONY: setup demo test data clean
 
-setup: $(VENV)/.installed data/SOURCES.json data/eval/manifest.json
+setup: $(VENV)/.installed data/SOURCES.json data/eval/manifest.json data/instructions/SOURCES.json
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -358,6 +358,14 @@ class AthanorConfig(_Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
+    @model_validator(mode="after")
+    def _lora_dropout_under_tp(self) -> "AthanorConfig":
+        if self.finetune.method == "lora" and self.finetune.dropout > 0 and self.train.tp_size > 1:
+            raise ValueError("finetune.dropout > 0 with train.tp_size > 1: the ranks of a tensor-parallel group must "
+                             "draw the same dropout mask for the replicated LoRA A, which a resized group cannot "
+                             "promise; set finetune.dropout to 0")
+        return self
+
     def section_hash(self, *sections: str) -> str:
         """Stable hash of some sections: a stage whose inputs hash the same can skip itself."""
         dumped = self.model_dump(mode="json")

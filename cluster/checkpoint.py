@@ -68,7 +68,7 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
                     rank: int, tokenizer_model: Path | None) -> None:
     """Collective: every rank writes its shards of model and optimizer; rank 0 adds the JSON state and tokenizer."""
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model))
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
+    dcp.save({"model": _trained_only(model, model_sd), "optim": optim_sd}, checkpoint_id=str(directory))
     rng = directory / "rng"
     rng.mkdir(exist_ok=True)
     torch.save(_rng_state(), rng / f"rank_{rank}.pt")
@@ -99,7 +99,7 @@ def load_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: to
     directory = Path(directory)
     options = _options(model)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = {"model": _trained_only(model, model_sd), "optim": optim_sd}
     _dcp_load(state, directory)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=options)
@@ -113,6 +113,14 @@ def _options(model: torch.nn.Module) -> StateDictOptions:
     """A model with frozen parameters (LoRA) checkpoints only what trains: its base comes from `finetune.base`."""
     frozen = any(not p.requires_grad for p in model.parameters())
     return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
+
+def _trained_only(model: torch.nn.Module, model_sd: dict) -> dict:
+    """The adapters alone for a LoRA model: ignore_frozen_params keeps a tied head (torch finds frozen parameters
+    by name, and the tied duplicate has none of its own), so the frozen rest is filtered by name here."""
+    from athanor.model.lora import is_lora_key, lora_modules
+
+    return {k: v for k, v in model_sd.items() if is_lora_key(k)} if lora_modules(model) else model_sd
 
 
 class CheckpointError(ValueError):

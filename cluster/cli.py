@@ -84,8 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="export a checkpoint for other tools")
     exp.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run workdir (newest checkpoint)")
-    exp.add_argument("--format", choices=["hf"], default="hf")
+    exp.add_argument("--format", choices=["hf", "peft"], default="hf",
+                     help="hf: a LlamaForCausalLM folder (a LoRA fine-tune merged into it); peft: a LoRA fine-tune's "
+                          "adapter folder for peft.PeftModel.from_pretrained")
     exp.add_argument("--out", required=True, help="output folder")
+    exp.add_argument("--base-export", default=None,
+                     help="--format peft: the base model's HF folder, recorded as base_model_name_or_path")
 
     from .submit import add_parsers
 
@@ -195,16 +199,33 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from athanor.cluster.checkpoint import TOKENIZER_FILE
+    from athanor.cluster.checkpoint import TOKENIZER_FILE, CheckpointError, load_model
     from athanor.model.hf_export import export_hf
 
+    if args.format == "peft":
+        from athanor.model.peft_export import export_peft_adapter
+
+        try:
+            model, mcfg, directory = load_model(args.checkpoint, merge=False)
+            out = export_peft_adapter(model, mcfg, args.out, base_model_path=args.base_export)
+        except (CheckpointError, ValueError) as err:  # not a LoRA fine-tune, or adapters PEFT cannot name
+            raise UserError(str(err)) from None
+        print(f"exported the LoRA adapter of {directory} as a PEFT folder: {out}")
+        return 0
     model, mcfg, directory = _load_checkpoint(args.checkpoint)
     try:
         out = export_hf(model, mcfg, directory / TOKENIZER_FILE, args.out)
     except ValueError as err:  # e.g. an MoE layout Mixtral cannot express
         raise UserError(str(err)) from None
-    print(f"exported {directory} as a Hugging Face LlamaForCausalLM folder: {out}")
+    print(f"exported {directory} as a Hugging Face LlamaForCausalLM folder: {out}"
+          + (" (LoRA adapters merged into the weights)" if _is_lora(directory) else ""))
     return 0
+
+
+def _is_lora(directory) -> bool:
+    from athanor.cluster.checkpoint import read_trainer_state
+
+    return (read_trainer_state(directory).get("finetune") or {}).get("method") == "lora"
 
 
 def _presets() -> int:

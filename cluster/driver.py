@@ -234,9 +234,24 @@ class Driver:
             self.report.final_checkpoint = final
             with result.checkpoint.as_directory() as local:  # downloaded for MLflow when the workdir is a URI
                 tracking.log_artifacts(self.run_id, {"checkpoint": Path(local)})
+                if objective == "finetune" and self.cfg.finetune.method == "lora":
+                    self._log_adapter(Path(local))
             tracking.set_tags(self.run_id, {"checkpoint.final": final,
                                             "checkpoint.storage": str(self.layout.checkpoints)})
         return result
+
+    def _log_adapter(self, checkpoint: Path) -> None:
+        """The fine-tune's LoRA adapter as a PEFT folder, an MLflow artifact `adapter/`."""
+        import tempfile
+
+        from athanor.model.peft_export import export_peft_adapter
+
+        from .checkpoint import load_model
+
+        model, mcfg, _ = load_model(checkpoint, merge=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            export_peft_adapter(model, mcfg, tmp, base_model_path=self.cfg.finetune.base)
+            tracking.log_artifacts(self.run_id, {"adapter": Path(tmp)})
 
     def run_all(self) -> RunReport:
         self.curate()

@@ -29,6 +29,7 @@ from athanor.storage import Location
 class Pretraining:
     cfg: AthanorConfig
     name = "pretrain"
+    measures_start = False  # evaluate before the first step (a fine-tune's base model), logged as step 0
 
     def data_root(self, layout: RunLayout) -> Location:
         return layout.root
@@ -52,6 +53,7 @@ class Pretraining:
 @dataclass
 class FineTuning(Pretraining):
     name = "finetune"
+    measures_start = True
 
     def data_root(self, layout: RunLayout) -> Location:
         return layout.root / "sft"

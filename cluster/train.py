@@ -176,6 +176,14 @@ def evaluate(model: torch.nn.Module, eval_set: EvalSet, dp_rank: int, dp: int, t
     return {"loss": nats / tokens, "bits_per_byte": nats / n_bytes / LN2 if n_bytes else float("nan")}
 
 
+def _eval_metrics(model, eval_set: EvalSet, dp_rank: int, dp: int, t: TrainConfig) -> dict[str, float]:
+    """A set's metrics under their MLflow names: val_loss / val_bpb for the validation shards."""
+    result = evaluate(model, eval_set, dp_rank, dp, t)
+    if eval_set.name == "val":
+        return {"val_loss": result["loss"], "val_bpb": result["bits_per_byte"]}
+    return {f"eval/{eval_set.name}/{k}": v for k, v in result.items()}
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: plain PyTorch over a (dp, tp) mesh of all workers."""
     import mlflow
@@ -237,6 +245,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                            "model.trainable_params": trainable, "model.total_params": total})
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    if step == 0 and objective.measures_start:  # fine-tuning: where the base model starts, as step 0
+        start = {k: v for eval_set in eval_sets for k, v in _eval_metrics(model, eval_set, dp_rank, dp, t).items()}
+        if metrics_logger and start:
+            metrics_logger.log.remote(start, 0, int(time.time() * 1000))
     model.train()
     first_step = True
     while step < t.max_steps:
@@ -277,11 +289,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                             **({"started": started, **recovery} if recovery else {})})
         if eval_sets and (step % t.eval_every == 0 or step == t.max_steps) and not stopping:
             for eval_set in eval_sets:
-                result = evaluate(model, eval_set, dp_rank, dp, t)
-                if eval_set.name == "val":
-                    metrics.update(val_loss=result["loss"], val_bpb=result["bits_per_byte"])
-                else:
-                    metrics.update({f"eval/{eval_set.name}/{k}": v for k, v in result.items()})
+                metrics.update(_eval_metrics(model, eval_set, dp_rank, dp, t))
         if metrics_logger and (step % t.log_every == 0 or step == t.max_steps or stopping):
             metrics_logger.log.remote({k: v for k, v in metrics.items() if k != "step"}, step, int(time.time() * 1000))
 

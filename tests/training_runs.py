@@ -26,12 +26,14 @@ def fresh_training_dir(data_run: Path, work: Path) -> Path:
     return work
 
 
-def start_train(work: Path, *overrides: str, config: str = "configs/smoke.yaml") -> subprocess.Popen:
-    """`athanor train` in its own session (process group), so a test can kill it with everything it started."""
+def start_train(work: Path, *overrides: str, config: str = "configs/smoke.yaml", command: str = "train"
+                ) -> subprocess.Popen:
+    """`athanor train` (or `finetune`) in its own session (process group), so a test can kill it with everything it
+    started."""
     sets = [a for o in (f"run.workdir={work}", *overrides) for a in ("--set", o)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "athanor.cluster.cli", "train", config, *sets], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "athanor.cluster.cli", command, config, *sets], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
