@@ -76,9 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--actors", type=int, default=1, help="--input: model copies in the actor pool")
     gen.add_argument("--batch-size", type=int, default=32, help="--input: prompts per batch")
 
-    lm = sub.add_parser("lm-eval", help="lm-evaluation-harness's CLI with the athanor model registered",
-                        add_help=False)
-    lm.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    sub.add_parser("lm-eval", help="lm-evaluation-harness's CLI with the athanor model registered (main() hands "
+                                   "every later argument to lm_eval)", add_help=False)
 
     sub.add_parser("presets", help="the model presets with their parameter counts and FLOPs per token")
 
@@ -249,10 +248,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _generate(args)
     if args.command == "eval":
         return _eval(args)
-    if args.command == "lm-eval":
-        from .lm_eval_adapter import main as lm_eval_main
-
-        return lm_eval_main(args.lm_eval_args) or 0
     if args.command == "export":
         return _export(args)
     if args.command in ("submit", "jobs"):
@@ -284,6 +279,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # every later argument is lm_eval's, --help included
+        from .lm_eval_adapter import main as lm_eval_main
+
+        return lm_eval_main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)

@@ -25,7 +25,7 @@ import pyarrow as pa
 from athanor import storage
 from athanor.config import AthanorConfig, DataConfig, EvalConfig
 from athanor.layout import RunLayout
-from athanor.model.scoring import LN2, sliding_windows
+from athanor.model.scoring import bits_per_byte, perplexity, sliding_windows
 from athanor.pipelines.tokenizer import Tokenizer
 
 from .inference import ModelSource, WindowScorer, describe, map_with_model
@@ -155,8 +155,8 @@ def _summaries(results, labels: dict[str, str]) -> list[dict]:
         out.append({
             "source": labels.get(source, source), "path": source, "documents": int(ok["doc_id"].nunique()),
             "windows": len(ok), "tokens": tokens, "bytes": n_bytes, "nats": nats,
-            "loss": nats / tokens if tokens else math.nan, "perplexity": math.exp(nats / tokens) if tokens else math.nan,
-            "bits_per_byte": nats / n_bytes / LN2 if n_bytes else math.nan,
+            "loss": nats / tokens if tokens else math.nan, "perplexity": perplexity(nats, tokens),
+            "bits_per_byte": bits_per_byte(nats, n_bytes),
             "errors": {str(k): int(v) for k, v in errors.items()},
         })
     return out

@@ -60,7 +60,6 @@ class ModelSource:
                                     "weights; athanor's scoring and generation need it")
         return path
 
-
     def model_config(self) -> ModelConfig:
         """The architecture, read from config.json or trainer_state.json without loading weights."""
         from athanor.cluster.checkpoint import read_trainer_state
@@ -71,14 +70,17 @@ class ModelSource:
         return ModelConfig.model_validate(read_trainer_state(self.directory)["model_config"])
 
 
-def base_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The plain Transformer weights of a checkpoint, run folder or HF folder (a LoRA fine-tune's merged)."""
+def load_weights(source: ModelSource) -> tuple[Transformer, ModelConfig]:
+    """The plain Transformer of a checkpoint or HF folder, on CPU (a LoRA fine-tune's adapters merged)."""
     from athanor.cluster.checkpoint import load_model
     from athanor.model.hf_import import load_hf_folder
 
-    source = describe(path)
-    model = load_hf_folder(source.directory)[0] if source.hf else load_model(source.directory)[0]
-    return model.state_dict()
+    return load_hf_folder(source.directory) if source.hf else load_model(source.directory)[:2]
+
+
+def base_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights fine-tuning starts from: a checkpoint, run folder or HF folder."""
+    return load_weights(describe(path))[0].state_dict()
 
 
 def describe(path: str | Path) -> ModelSource:
@@ -97,11 +99,8 @@ def describe(path: str | Path) -> ModelSource:
 
 def load_for_inference(path: str | Path, device: str | None = None) -> InferenceModel:
     """An athanor checkpoint / run folder, or an HF Llama folder, on `device` (default: CUDA when present, bf16)."""
-    from athanor.cluster.checkpoint import load_model
-    from athanor.model.hf_import import load_hf_folder
-
     source = describe(path)
-    model, cfg = load_hf_folder(source.directory) if source.hf else load_model(source.directory)[:2]
+    model, cfg = load_weights(source)
     tokenizer = Tokenizer(source.tokenizer_path, num_threads=1)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)

@@ -156,7 +156,7 @@ def evaluate(model: torch.nn.Module, eval_set: EvalSet, dp_rank: int, dp: int, t
     """
     import torch.distributed as dist
 
-    from athanor.model.scoring import LN2, score_windows
+    from athanor.model.scoring import bits_per_byte, score_windows
 
     n = len(eval_set.windows)
     per_rank = -(-n // dp)
@@ -173,7 +173,7 @@ def evaluate(model: torch.nn.Module, eval_set: EvalSet, dp_rank: int, dp: int, t
         total /= t.tp_size  # tensor-parallel peers computed the same windows
         dist.all_reduce(total)
     nats, tokens, n_bytes = (float(x) for x in total)
-    return {"loss": nats / tokens, "bits_per_byte": nats / n_bytes / LN2 if n_bytes else float("nan")}
+    return {"loss": nats / tokens, "bits_per_byte": bits_per_byte(nats, n_bytes)}
 
 
 def _eval_metrics(model, eval_set: EvalSet, dp_rank: int, dp: int, t: TrainConfig) -> dict[str, float]:

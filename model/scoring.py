@@ -101,4 +101,7 @@ def bits_per_byte(nats: float, n_bytes: int) -> float:
 
 
 def perplexity(nats: float, n_tokens: int) -> float:
-    return math.exp(nats / n_tokens) if n_tokens else float("nan")
+    """exp(mean nats per token); inf past what a float holds (an untrained model on a hard set)."""
+    if not n_tokens:
+        return float("nan")
+    return math.exp(nats / n_tokens) if nats / n_tokens < 709 else float("inf")

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 from cli_runner import ROOT
-from training_runs import assert_same_training, effective_steps, finish, records, running, start_train, wait_for
+from training_runs import (assert_same_training, effective_steps, finish, records, running, start_train,
+                           train_workers, wait_for)
 
 from athanor.config import ModelConfig, load_config
 from athanor.pipelines.instructions import encode_conversation, pack, pack_instructions, prompt_ids, read_examples
@@ -171,4 +172,20 @@ def test_stopped_finetune_resumes_on_one_worker_as_if_uninterrupted(finetune_run
     finish(start_train(work, base, "train.num_workers=1", config=FT_CONFIG, command="finetune"))
     starts = [(r["step"], r["world_size"]) for r in records(work) if "started" in r]
     assert starts == [(1, 2), (stopped_at + 1, 1)], starts
+    assert_same_training(work, baseline)
+
+
+@pytest.mark.slow
+def test_sigkilled_finetune_worker_resumes_without_skipping_or_repeating_samples(finetune_run, smoke_run, tmp_path):
+    """Ray Train replaces a worker killed mid-run from the last checkpoint: the base reloaded, the adapters and their
+    optimizer state restored, every step trained once in effect, as in the uninterrupted run."""
+    baseline, _ = finetune_run
+    work = tmp_path / "run"
+    with running(start_train(work, f"finetune.base={smoke_run[0]}", config=FT_CONFIG, command="finetune")) as proc:
+        wait_for(lambda: max(effective_steps(work), default=0) >= FT.train.checkpoint_every + 3, proc, 400,
+                 "steps past the first checkpoint")
+        workers = wait_for(lambda: train_workers(proc.pid), proc, 60, "a training worker to kill")
+        workers[-1].send_signal(signal.SIGKILL)
+    finish(proc)
+    assert len(records(work)) > len(effective_steps(work)), "no step was replayed: the kill did not interrupt training"
     assert_same_training(work, baseline)

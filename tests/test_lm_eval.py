@@ -238,11 +238,11 @@ def test_simple_evaluate_runs_the_local_tasks(tiny, eval_data, tmp_path, monkeyp
 
 
 def test_cli_main_is_lm_evals_cli_with_athanor_registered(tiny, eval_data, tmp_path):
-    """`python -m athanor.cluster.lm_eval_adapter` (what `athanor lm-eval` calls): lm_eval's legacy command line,
-    the include path added by default, in a fresh process from another directory."""
+    """`athanor lm-eval`: lm_eval's own command line with the athanor model registered, the include path added by
+    default, in a fresh process from another directory."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DISABLE_MULTIPROC="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "athanor.cluster.lm_eval_adapter", "--model", "athanor", "--model_args",
+        [sys.executable, "-m", "athanor.cluster.cli", "lm-eval", "--model", "athanor", "--model_args",
          f"checkpoint={tiny[0]}", "--tasks", "athanor_cloze", "--limit", "8", "--batch_size", "8", "--device", "cpu",
          "--output_path", str(tmp_path / "out")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
