@@ -320,6 +320,33 @@ class FinetuneConfig(_Section):
         return self
 
 
+class DPOConfig(_Section):
+    """`athanor dpo`: Direct Preference Optimization (Rafailov et al. 2023) of `finetune.base` on preference pairs.
+
+    The model side (base, LoRA or full, rank, alpha, targets) comes from the `finetune` section and the optimizer,
+    schedule, workers and checkpoints from `train`: DPO runs the training loop with its own data and loss.
+    """
+
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # sigmoid only: conservative DPO's assumed label noise
+    length_normalize: bool = False  # mean instead of summed response log-probs (IPO's convention)
+    # precomputed: the reference's log-probs are computed once by Ray Data and stored beside the pairs, so training
+    # holds one model; live: the reference runs in every step (the base with LoRA's adapters off, or a frozen copy)
+    reference: Literal["precomputed", "live"] = "precomputed"
+    train_files: list[str] = Field(default_factory=list)  # JSONL: {prompt, chosen, rejected}
+    val_files: list[str] = Field(default_factory=list)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seq_len: int = Field(512, ge=8)  # tokens per example window (prompt + one answer)
+    shard_sequences: int = Field(1024, ge=2)
+
+    @model_validator(mode="after")
+    def _smoothing(self) -> "DPOConfig":
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"label_smoothing applies to the sigmoid loss, not {self.loss_type}")
+        return self
+
+
 class EvalConfig(_Section):
     """`athanor eval`: log-likelihood of the run's validation shards and of extra inputs, as Ray Data batch inference."""
 
@@ -355,6 +382,7 @@ class AthanorConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 

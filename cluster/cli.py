@@ -3,6 +3,7 @@
     athanor run configs/demo.yaml                 curate -> tokenize -> train, one MLflow run
     athanor curate|tokenize|train CONFIG          one stage over the same working folder
     athanor finetune CONFIG                       fine-tune finetune.base on instruction data (LoRA or full)
+    athanor dpo CONFIG                            align finetune.base with DPO on preference pairs
     athanor quality train CONFIG                  train the fastText quality classifier alone
     athanor eval CONFIG [--checkpoint PATH] [--input FILE]  loss, perplexity, bits per byte (Ray Data batch inference)
     athanor generate --checkpoint PATH --prompt "..."       continue one prompt (KV cache)
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     for name, help_ in [("run", "run every stage end to end"), ("curate", "curation only"),
                         ("tokenize", "tokenizer training and shard packing only"), ("train", "training only"),
-                        ("finetune", "supervised fine-tuning (LoRA or full) of finetune.base on instruction data")]:
+                        ("finetune", "supervised fine-tuning (LoRA or full) of finetune.base on instruction data"),
+                        ("dpo", "direct preference optimization of finetune.base on preference pairs")]:
         _add_config_args(sub.add_parser(name, help=help_))
     quality = sub.add_parser("quality", help="the fastText quality classifier")
     qsub = quality.add_subparsers(dest="quality_command", required=True)

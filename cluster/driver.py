@@ -28,6 +28,7 @@ STAGE_INPUTS = {
     "curate": ("data", "curate"),
     "tokenize": ("data", "curate", "tokenize", "run"),
     "finetune_data": ("finetune", "run"),
+    "dpo_data": ("dpo", "finetune", "run"),
 }
 
 
@@ -96,18 +97,17 @@ def _mark_done(cfg: AthanorConfig, layout: RunLayout, stage: str, seconds: float
 
 
 def resolve_local_paths(cfg: AthanorConfig) -> AthanorConfig:
-    """Fine-tuning's base model and files as absolute paths: Ray Train runs workers in a folder of its own, and the
-    checkpoint records where its base came from."""
-    ft = cfg.finetune
-    if not (ft.base or ft.train_files or ft.val_files):
-        return cfg
-
+    """Fine-tuning's and DPO's base model and files as absolute paths: Ray Train runs workers in a folder of its own,
+    and the checkpoint records where its base came from."""
     def absolute(p: str) -> str:
         return p if storage.is_uri(p) else str(Path(p).resolve())
 
-    update = {"base": absolute(ft.base) if ft.base else None, "train_files": [absolute(p) for p in ft.train_files],
-              "val_files": [absolute(p) for p in ft.val_files]}
-    return cfg.model_copy(update={"finetune": ft.model_copy(update=update)})
+    ft, dpo = cfg.finetune, cfg.dpo
+    files = {"train_files": [absolute(p) for p in ft.train_files], "val_files": [absolute(p) for p in ft.val_files]}
+    pairs = {"train_files": [absolute(p) for p in dpo.train_files], "val_files": [absolute(p) for p in dpo.val_files]}
+    return cfg.model_copy(update={
+        "finetune": ft.model_copy(update={"base": absolute(ft.base) if ft.base else None, **files}),
+        "dpo": dpo.model_copy(update=pairs)})
 
 
 @dataclass
@@ -189,18 +189,7 @@ class Driver:
         fine-tuning objective: the base model's weights, LoRA or full, loss on responses only."""
         from athanor.pipelines.instructions import pack_instructions
 
-        from .inference import describe
-
-        base = self.cfg.finetune.base
-        if not base:
-            raise ConfigError("finetune.base: name the model to fine-tune (an athanor checkpoint, a run folder or an "
-                              "HF Llama folder)")
-        inside = not storage.is_uri(base) and not self.layout.remote and Path(base).is_relative_to(
-            self.layout.root.resolve())
-        if inside:
-            raise ConfigError(f"finetune.base ({base}) lies inside run.workdir ({self.layout.root}): fine-tune into a "
-                              "workdir of its own, so its checkpoints never mix with the base run's")
-        source = describe(base)
+        source = self._base()
         sft = RunLayout(self.layout.root / "sft")
         if not self._skip("finetune_data"):
             t0 = time.perf_counter()
@@ -211,6 +200,46 @@ class Driver:
         tracking.log_stage_stats(self.run_id, [{"stage": "finetune_data", **manifest["documents"]}])
         self.report.manifest = manifest
         return self.train(objective="finetune", data=sft)
+
+    def dpo(self):
+        """Preference pairs packed under <workdir>/dpo, the reference model's log-probs of every answer computed
+        once by Ray Data batch inference (unless dpo.reference is live), then the training loop with the DPO loss."""
+        from athanor.pipelines.preferences import pack_pairs
+
+        from .reference import compute_reference_logps
+
+        source = self._base()
+        root = RunLayout(self.layout.root / "dpo")
+        if not self._skip("dpo_data"):
+            t0 = time.perf_counter()
+            pack_pairs(self.cfg, root.root, source.tokenizer_path)
+            self.report.stages["dpo_data"] = time.perf_counter() - t0
+            _mark_done(self.cfg, self.layout, "dpo_data", self.report.stages["dpo_data"])
+        if self.cfg.dpo.reference == "precomputed":
+            e = self.cfg.eval
+            t0 = time.perf_counter()
+            compute_reference_logps(root.root, self.cfg.finetune.base, actors=e.actors, cpus=e.cpus_per_actor,
+                                    batch_size=e.batch_size, use_gpu=e.use_gpu)
+            self.report.stages["reference"] = time.perf_counter() - t0
+        manifest = json.loads(storage.read_bytes(root.manifest))
+        tracking.log_stage_stats(self.run_id, [{"stage": "dpo_data", **manifest["documents"]}])
+        self.report.manifest = manifest
+        return self.train(objective="dpo", data=root)
+
+    def _base(self):
+        """The model fine-tuning and DPO start from, checked: named, and outside this run's workdir."""
+        from .inference import describe
+
+        base = self.cfg.finetune.base
+        if not base:
+            raise ConfigError("finetune.base: name the model to start from (an athanor checkpoint, a run folder or an "
+                              "HF Llama folder)")
+        inside = not storage.is_uri(base) and not self.layout.remote and Path(base).is_relative_to(
+            self.layout.root.resolve())
+        if inside:
+            raise ConfigError(f"finetune.base ({base}) lies inside run.workdir ({self.layout.root}): train into a "
+                              "workdir of its own, so its checkpoints never mix with the base run's")
+        return describe(base)
 
     def train(self, objective: str = "pretrain", data: RunLayout | None = None):
         from .stop import TrainingStopped
@@ -234,7 +263,7 @@ class Driver:
             self.report.final_checkpoint = final
             with result.checkpoint.as_directory() as local:  # downloaded for MLflow when the workdir is a URI
                 tracking.log_artifacts(self.run_id, {"checkpoint": Path(local)})
-                if objective == "finetune" and self.cfg.finetune.method == "lora":
+                if objective in ("finetune", "dpo") and self.cfg.finetune.method == "lora":
                     self._log_adapter(Path(local))
             tracking.set_tags(self.run_id, {"checkpoint.final": final,
                                             "checkpoint.storage": str(self.layout.checkpoints)})

@@ -110,10 +110,12 @@ def load_for_inference(path: str | Path, device: str | None = None) -> Inference
 
 
 class WindowScorer:
-    """Ray Data actor: adds `logprob` (sum over the scored targets, nats) and `greedy` to each window row.
+    """Ray Data actor: adds `logprob` (sum over the scored targets, nats), `greedy` and `n_counted` (the targets
+    summed) to each window row.
 
-    Rows carry `tokens` (the window) and `n_scored`; a row with n_scored 0 (an input that failed upstream) passes
-    through with logprob 0, so its error reaches the output instead of vanishing.
+    Rows carry `tokens` (the window) and `n_scored`, and optionally `target_mask` (0/1 per target: a fine-tuning or
+    preference example's answer). A row with n_scored 0 (an input that failed upstream) passes through with
+    logprob 0, so its error reaches the output instead of vanishing.
     """
 
     def __init__(self, checkpoint: str, batch_size: int = 16, cpus: int = 1):
@@ -126,13 +128,17 @@ class WindowScorer:
         live = np.flatnonzero(n_scored > 0)
         logprob = np.zeros(len(n_scored))
         greedy = np.zeros(len(n_scored), dtype=bool)
+        counted = n_scored.copy()
         if len(live):
+            masks = ([np.asarray(batch["target_mask"][i]).tolist() for i in live] if "target_mask" in batch
+                     else None)
             scores = score_windows(self.m.model, [np.asarray(batch["tokens"][i]).tolist() for i in live],
-                                   n_scored[live].tolist(), self.m.tokenizer.pad_id, self.batch_size)
+                                   n_scored[live].tolist(), self.m.tokenizer.pad_id, self.batch_size, masks)
             logprob[live] = [s.logprob for s in scores]
             greedy[live] = [s.greedy for s in scores]
-        out = {k: v for k, v in batch.items() if k != "tokens"}
-        return {**out, "logprob": logprob, "greedy": greedy}
+            counted[live] = [s.n_scored for s in scores]
+        out = {k: v for k, v in batch.items() if k not in ("tokens", "target_mask")}
+        return {**out, "logprob": logprob, "greedy": greedy, "n_counted": counted}
 
 
 GENERATION_DEFAULTS: dict[str, Any] = {

@@ -31,12 +31,47 @@ def example_batch(shards: TokenShards, ids: np.ndarray) -> dict[str, torch.Tenso
     return {"targets": targets, "document_ids": document_ids.cumsum(dim=1)}
 
 
+class PairShards:
+    """Preference pairs over token shards whose row 2i is pair i's chosen answer and row 2i+1 its rejected one
+    (pipelines/preferences.py), with the reference model's log-probs of both when they were precomputed.
+
+    To the loader a sample is a pair: the global order, resume state and fingerprint are over pairs."""
+
+    def __init__(self, shards: TokenShards, reference: np.ndarray | None = None):
+        if len(shards) % 2:
+            raise ValueError(f"preference shards hold {len(shards)} rows; pairs need an even number")
+        if reference is not None and reference.shape != (len(shards) // 2, 2):
+            raise ValueError(f"reference log-probs have shape {reference.shape}, expected ({len(shards) // 2}, 2)")
+        self.rows, self.reference = shards, reference
+        self.split, self.seq_len, self.fingerprint = shards.split, shards.seq_len, shards.fingerprint
+        self.vocab_size = shards.vocab_size
+        self.rows_per_sample = 2
+
+    def __len__(self) -> int:
+        return len(self.rows) // 2
+
+    def batch(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """input_ids and targets [2b, seq_len] (chosen, rejected, chosen, ...; targets -100 outside the answers),
+        and `reference` [b, 2] when precomputed."""
+        from athanor.model.transformer import IGNORE_INDEX
+
+        rows = np.stack([2 * ids, 2 * ids + 1], axis=1).reshape(-1)
+        windows = torch.from_numpy(np.stack([self.rows[r] for r in rows]).astype(np.int64))
+        mask = torch.from_numpy(np.stack([self.rows.loss_mask(r)[1:] for r in rows]).astype(bool))
+        targets = windows[:, 1:].clone()
+        targets[~mask] = IGNORE_INDEX
+        out = {"input_ids": windows[:, :-1], "targets": targets}
+        if self.reference is not None:
+            out["reference"] = torch.from_numpy(self.reference[ids].astype(np.float64))
+        return out
+
+
 class GlobalBatchLoader:
     """Yields this rank's share of each global batch; the tail of an epoch shorter than a global batch is dropped."""
 
     def __init__(
         self,
-        shards: TokenShards,
+        shards: TokenShards | PairShards,
         global_batch_size: int,
         seed: int,
         rank: int,
@@ -78,8 +113,10 @@ class GlobalBatchLoader:
         start = self.consumed + self.rank * self.local_batch_size
         ids = self._epoch_order()[start : start + self.local_batch_size]
         global_ids = self._epoch_order()[self.consumed : self.consumed + self.global_batch_size]
-        windows = torch.from_numpy(np.stack([self.shards[i] for i in ids]).astype(np.int64))
         self.consumed += self.global_batch_size
+        if isinstance(self.shards, PairShards):
+            return {**self.shards.batch(ids), "sample_ids": torch.from_numpy(ids.astype(np.int64))}
+        windows = torch.from_numpy(np.stack([self.shards[i] for i in ids]).astype(np.int64))
         batch = {
             "input_ids": windows[:, :-1],
             "targets": windows[:, 1:],

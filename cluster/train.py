@@ -207,7 +207,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     torch.set_num_threads(max(1, t.cpus_per_worker))
 
-    train_data = TokenShards(data.root, "train")
+    train_data = objective.dataset(data.root, "train")
     mcfg = objective.model_config(train_data.vocab_size)
     tokenizer = Tokenizer(data.tokenizer_model, num_threads=1)
     eval_sets = [val_shard_set(TokenShards(data.root, "val"), t.eval_batches * t.micro_batch_size, tokenizer)
@@ -231,7 +231,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     accum = grad_accum_steps(t, dp)
     loader = GlobalBatchLoader(train_data, t.global_batch_size, seed=t.seed, rank=dp_rank, world_size=dp,
                                state=loader_state)
-    tokens_per_step = t.global_batch_size * train_data.seq_len
+    tokens_per_step = t.global_batch_size * getattr(train_data, "rows_per_sample", 1) * train_data.seq_len
     flops_per_step = flops_per_token(mcfg, train_data.seq_len) * tokens_per_step
     samples_log = layout.root / "train_samples.jsonl"
     logging_rank = rank == 0 and config.get("mlflow_run_id")
@@ -247,6 +247,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     if step == 0 and objective.measures_start:  # fine-tuning: where the base model starts, as step 0
         start = {k: v for eval_set in eval_sets for k, v in _eval_metrics(model, eval_set, dp_rank, dp, t).items()}
+        start.update(objective.extra_eval(model, dp_rank, dp, t))
         if metrics_logger and start:
             metrics_logger.log.remote(start, 0, int(time.time() * 1000))
     model.train()
@@ -273,7 +274,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dt = time.perf_counter() - t0
 
         metrics = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
-                   "world_size": world, "dp_size": dp, "grad_accum_steps": accum, "step": step}
+                   "world_size": world, "dp_size": dp, "grad_accum_steps": accum, "step": step,
+                   **objective.step_metrics(t.tp_size)}
         recovery = {}
         if first_step:  # what a (re)start cost: set-up until the checkpoint load, the load, the first step
             recovery = {"setup_s": restore_started - started, "restore_s": restore_s, "first_step_s": dt}
@@ -290,6 +292,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if eval_sets and (step % t.eval_every == 0 or step == t.max_steps) and not stopping:
             for eval_set in eval_sets:
                 metrics.update(_eval_metrics(model, eval_set, dp_rank, dp, t))
+            metrics.update(objective.extra_eval(model, dp_rank, dp, t))
         if metrics_logger and (step % t.log_every == 0 or step == t.max_steps or stopping):
             metrics_logger.log.remote({k: v for k, v in metrics.items() if k != "step"}, step, int(time.time() * 1000))
 

@@ -17,6 +17,7 @@ model (it draws every Linear from normal(0, init_std), adapters included) call `
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -43,6 +44,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False  # see adapters_disabled
         self.reset_lora_parameters()
         base.requires_grad_(False)
 
@@ -58,6 +60,8 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base(x)
         return self.base(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
     @torch.no_grad()
@@ -127,6 +131,20 @@ def base_key_map(model: nn.Module) -> dict[str, str]:
     names = [n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "") for n in lora_modules(model)]
     names = [n.removeprefix("module.") for n in names]
     return {f"{name}.weight": f"{name}.base.weight" for name in names}
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside, every LoRALinear computes its base alone: the model before fine-tuning, which is DPO's reference,
+    without a second copy of the weights."""
+    modules = list(lora_modules(model).values())
+    for m in modules:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.disabled = False
 
 
 def reset_lora_parameters(model: nn.Module) -> None:
