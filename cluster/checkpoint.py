@@ -86,7 +86,7 @@ def save_model(directory: str | Path, model: torch.nn.Module, model_config: Mode
     directory.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # "torch.distributed is disabled ... assuming the intent is to save in a single
         warnings.filterwarnings("ignore", message=".*single process")  # process": it is
-        dcp.save({"model": model.state_dict()}, checkpoint_id=str(directory))
+        dcp.save({"model": _trained_only(model, model.state_dict())}, checkpoint_id=str(directory))
     state = {"step": step, "seq_len": seq_len, "model_config": model_config.model_dump(mode="json")}
     (directory / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=1))
     shutil.copyfile(tokenizer_model, directory / TOKENIZER_FILE)
@@ -110,17 +110,28 @@ def load_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: to
 
 
 def _options(model: torch.nn.Module) -> StateDictOptions:
-    """A model with frozen parameters (LoRA) checkpoints only what trains: its base comes from `finetune.base`."""
+    """A model with frozen parameters (LoRA) checkpoints only what trains: its base comes from `finetune.base`; a
+    tied head is saved once, so loading it is not strict about the head either."""
     frozen = any(not p.requires_grad for p in model.parameters())
-    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not (frozen or _tied(model)))
 
 
 def _trained_only(model: torch.nn.Module, model_sd: dict) -> dict:
-    """The adapters alone for a LoRA model: ignore_frozen_params keeps a tied head (torch finds frozen parameters
-    by name, and the tied duplicate has none of its own), so the frozen rest is filtered by name here."""
+    """What a checkpoint holds of the model: the adapters alone for a LoRA model (ignore_frozen_params keeps a tied
+    head, since torch finds frozen parameters by name and the tied duplicate has none of its own), and a tied head
+    once, as the embedding it is (its copy was a tenth of a small model's checkpoint, a gigabyte at 1B)."""
     from athanor.model.lora import is_lora_key, lora_modules
 
-    return {k: v for k, v in model_sd.items() if is_lora_key(k)} if lora_modules(model) else model_sd
+    if lora_modules(model):
+        return {k: v for k, v in model_sd.items() if is_lora_key(k)}
+    if _tied(model):
+        return {k: v for k, v in model_sd.items() if k != "output.weight"}
+    return model_sd
+
+
+def _tied(model: torch.nn.Module) -> bool:
+    inner = getattr(model, "module", model)  # DDP
+    return getattr(getattr(inner, "cfg", None), "tie_embeddings", False)
 
 
 class CheckpointError(ValueError):
@@ -208,11 +219,14 @@ def load_model(path: str | Path, device: str = "cpu", merge: bool = True):
         ft = trainer_state["finetune"]
         model.load_state_dict(base_state_dict(ft["base"]))
         apply_lora(model, ft["rank"], ft["alpha"], ft["dropout"], tuple(ft["target_modules"]), ft["rslora"])
-    state = {"model": lora_state_dict(model) if lora else model.state_dict()}
+    state = {"model": lora_state_dict(model) if lora else _trained_only(model, model.state_dict())}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*load in a single process")
         _dcp_load(state, directory)
-    model.load_state_dict(state["model"], strict=not lora)
+    model.load_state_dict(state["model"], strict=False)
+    missing = set(model.state_dict()) - set(state["model"])  # a tied head is the embedding; LoRA's base is loaded
+    if not lora and missing - {"output.weight"}:
+        raise CheckpointError(f"cannot load checkpoint {directory}: no values for {sorted(missing)[:5]}")
     if lora and merge:
         merge_lora(model)
     return model.to(device).eval(), mcfg, directory

@@ -135,14 +135,14 @@ def _document_windows(cfg: AthanorConfig, inputs: list[str], source: ModelSource
 
 
 def _check_room(e: EvalConfig) -> None:
-    """The actor pool must leave a CPU for reading and windowing, or Ray Data waits forever for one to free up."""
+    """The actor pool must leave a CPU for the read tasks, or Ray Data waits forever for one to free up."""
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 0)
     gpus = e.use_gpu if e.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     if not gpus and e.actors * e.cpus_per_actor >= cpus and cpus:
         raise ValueError(f"eval.actors ({e.actors}) x eval.cpus_per_actor ({e.cpus_per_actor}) takes all "
-                         f"{cpus:g} CPUs of the Ray cluster and leaves none to read and cut the inputs; lower one")
+                         f"{cpus:g} CPUs of the Ray cluster and leaves none to read the inputs; lower one")
 
 
 def _summaries(results, labels: dict[str, str]) -> list[dict]:

@@ -96,12 +96,12 @@ def _sample(model, prompts, max_new_tokens, temperature, top_k, top_p, penalty, 
     seen = _seen(prompts, model.cfg.vocab_size, device) if penalty != 1.0 else None
     rows = list(range(len(prompts)))  # the prompt each batch row belongs to
     out: list[list[int]] = [[] for _ in prompts]
-    logits = model(tokens, cache, attention_mask=mask)[:, -1]
+    logits = model(tokens, cache, attention_mask=mask, last_only=True)[:, -1]
     for step in range(max_new_tokens):
         if step:
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            logits = model(token[:, None], cache, attention_mask=mask)[:, -1]
+            logits = model(token[:, None], cache, attention_mask=mask, last_only=True)[:, -1]
         logits = logits.float()
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, penalty)
@@ -139,7 +139,8 @@ def _beam_search(model, prompts, max_new_tokens, num_beams, length_penalty, earl
     b, k = len(prompts), num_beams
     tokens, mask = _left_pad(prompts, pad_id, device)
     cache = KVCache(model.cfg.n_layers, tokens.shape[1] + max_new_tokens)
-    logits = model(tokens, cache, attention_mask=mask)[:, -1]  # one prefill per prompt, then copied to its beams
+    # one prefill per prompt, then copied to its beams
+    logits = model(tokens, cache, attention_mask=mask, last_only=True)[:, -1]
     expand = torch.arange(b, device=device).repeat_interleave(k)
     cache.reorder(expand)
     logits, mask = logits[expand], (mask[expand] if mask is not None else None)
@@ -160,7 +161,8 @@ def _beam_search(model, prompts, max_new_tokens, num_beams, length_penalty, earl
         if step:
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(b * k, 1)], dim=1)
-            logits = model(running[:, :, step - 1].reshape(-1, 1), cache, attention_mask=mask)[:, -1]
+            logits = model(running[:, :, step - 1].reshape(-1, 1), cache, attention_mask=mask,
+                           last_only=True)[:, -1]
         logprobs = F.log_softmax(logits.float(), dim=-1)
         if seen is not None:  # transformers applies its logits processors to the log-probabilities here
             logprobs = apply_repetition_penalty(logprobs, seen, penalty)

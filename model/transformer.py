@@ -159,6 +159,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab]. With a cache, tokens continue the cached positions.
 
@@ -170,6 +171,9 @@ class Transformer(nn.Module):
         For windows that pack several examples (fine-tuning), `document_ids` [B, T] says which example each token
         belongs to: a token attends only within its example, and positions restart at each example's first token,
         so a packed example computes what it would alone.
+
+        `last_only` returns the logits of the last position alone [B, 1, vocab]: decoding needs no others, and the
+        output projection over every prompt position was a third of a batched prefill.
         """
         start = cache.pos if cache is not None else 0
         end = start + tokens.shape[1]
@@ -197,6 +201,8 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, cache, mask)
         if cache is not None:
             cache.pos = end
+        if last_only:
+            h = h[:, -1:]
         return self.output(self.norm(h))
 
     def aux_loss(self) -> torch.Tensor:
