@@ -8,7 +8,8 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 
 .PHONY: setup demo test data clean
 
-setup: $(VENV)/.installed data/SOURCES.json data/eval/manifest.json data/instructions/SOURCES.json
+setup: $(VENV)/.installed data/SOURCES.json data/eval/manifest.json data/instructions/SOURCES.json \
+       data/preferences/SOURCES.json
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +29,11 @@ data/eval/manifest.json: scripts/build_eval_tasks.py data/SOURCES.json
 data/instructions/SOURCES.json: scripts/build_instructions.py | $(VENV)/.installed
 	$(BIN)/python scripts/build_instructions.py --data data
 
-data: data/SOURCES.json data/eval/manifest.json data/instructions/SOURCES.json
+# preference pairs for DPO from those pairs (chosen: the answer; rejected: another question's): build_preferences.py
+data/preferences/SOURCES.json: scripts/build_preferences.py data/instructions/SOURCES.json
+	$(BIN)/python scripts/build_preferences.py --data data
+
+data: data/SOURCES.json data/eval/manifest.json data/instructions/SOURCES.json data/preferences/SOURCES.json
 
 demo: setup
 	$(BIN)/athanor run $(CONFIG)

@@ -251,7 +251,8 @@ class PreferenceOptimization(FineTuning):
         losses, chosen, rejected = preference_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta=d.beta,
                                                    loss_type=d.loss_type, label_smoothing=d.label_smoothing)
         margin = (chosen - rejected)[: len(mine)]
-        wins = (margin > 1e-6).double() + 0.5 * (margin.abs() <= 1e-6).double()
+        tie = margin.abs() <= d.beta * 1e-3  # below a thousandth of a nat of preference: float noise between the
+        wins = (margin > 0).double() * ~tie + 0.5 * tie.double()  # reference's and the loop's sums, not a choice
         total = torch.stack([wins.sum(), margin.sum(), losses[: len(mine)].sum(), torch.tensor(float(len(mine)))])
         if dist.is_available() and dist.is_initialized():
             total /= t.tp_size

@@ -74,7 +74,7 @@ def compute_reference_logps(root: Location, base: str, *, actors: int = 1, cpus:
         if todo:
             log.info("reference log-probs: %d of %d %s parts to compute", len(todo), len(parts), split)
             ids = np.concatenate([np.arange(p, min(p + PART_ROWS, n)) for p in todo])
-            ds = ray.data.from_numpy(ids).map_batches(_rows, fn_kwargs={"root": str(root), "split": split},
+            ds = ray.data.from_arrow(pa.table({"id": ids})).map_batches(_rows, fn_kwargs={"root": str(root), "split": split},
                                                       batch_format="numpy")
             scored = map_with_model(ds, WindowScorer, base, actors=actors, batch_rows=batch_size * 4, cpus=cpus,
                                     use_gpu=use_gpu, batch_size=batch_size)

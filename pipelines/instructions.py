@@ -154,8 +154,10 @@ def split_of(example: Example, path: str, val_fraction: float, seed: int) -> str
     return "val" if int.from_bytes(key[:8], "big") / 2**64 < val_fraction else "train"
 
 
-def _write_split(layout: RunLayout, split: str, windows: list[tuple[list[int], list[int], list[int]]],
-                 shard_sequences: int, dtype: np.dtype, examples: int) -> dict:
+def write_split(layout: RunLayout, split: str, windows: list[tuple[list[int], list[int], list[int]]],
+                shard_sequences: int, dtype: np.dtype, examples: int) -> dict:
+    """Windows (tokens, mask, example starts) as shards of `shard_sequences` rows under shards/<split>, in order;
+    returns the split's manifest entry (`examples`: how many examples the windows hold)."""
     shards = []
     for n, first in enumerate(range(0, len(windows), shard_sequences)):
         part = windows[first : first + shard_sequences]
@@ -206,10 +208,10 @@ def pack_instructions(cfg: AthanorConfig, root: Location, tokenizer_path: str | 
             storage.delete(old)
     dtype = token_dtype(tok.vocab_size)
     splits = {
-        "train": _write_split(layout, "train", list(pack(chosen["train"], width, tok.pad_id)), ft.shard_sequences,
-                              dtype, len(chosen["train"])),
-        "val": _write_split(layout, "val", [w for ex in chosen["val"] for w in pack([ex], width, tok.pad_id)],
-                            ft.shard_sequences, dtype, len(chosen["val"])),
+        "train": write_split(layout, "train", list(pack(chosen["train"], width, tok.pad_id)), ft.shard_sequences,
+                             dtype, len(chosen["train"])),
+        "val": write_split(layout, "val", [w for ex in chosen["val"] for w in pack([ex], width, tok.pad_id)],
+                           ft.shard_sequences, dtype, len(chosen["val"])),
     }
     storage.write_bytes(layout.tokenizer_model, Path(tokenizer_path).read_bytes())
     kept = len(chosen["train"]) + len(chosen["val"])
