@@ -90,6 +90,8 @@ def s3_endpoint():
 def smoke_run(tmp_path_factory, data_dir):
     """`athanor run configs/smoke.yaml` once per session: (workdir, stdout). Tests must not modify the workdir."""
     workdir = tmp_path_factory.mktemp("smoke")
-    proc = run_cli("run", "configs/smoke.yaml", "--set", f"run.workdir={workdir}")
+    books = data_dir / "quality" / "high" / "alice29.txt"  # an extra eval set, scored at every evaluation
+    proc = run_cli("run", "configs/smoke.yaml", "--set", f"run.workdir={workdir}",
+                   "--set", f"train.eval_sets={{books: [{books}]}}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return workdir, proc.stdout
