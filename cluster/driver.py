@@ -191,14 +191,7 @@ class Driver:
 
         source = self._base()
         sft = RunLayout(self.layout.root / "sft")
-        if not self._skip("finetune_data"):
-            t0 = time.perf_counter()
-            pack_instructions(self.cfg, sft.root, source.tokenizer_path)
-            self.report.stages["finetune_data"] = time.perf_counter() - t0
-            _mark_done(self.cfg, self.layout, "finetune_data", self.report.stages["finetune_data"])
-        manifest = json.loads(storage.read_bytes(sft.manifest))
-        tracking.log_stage_stats(self.run_id, [{"stage": "finetune_data", **manifest["documents"]}])
-        self.report.manifest = manifest
+        self._data_stage("finetune_data", sft, lambda: pack_instructions(self.cfg, sft.root, source.tokenizer_path))
         return self.train(objective="finetune", data=sft)
 
     def dpo(self):
@@ -210,21 +203,26 @@ class Driver:
 
         source = self._base()
         root = RunLayout(self.layout.root / "dpo")
-        if not self._skip("dpo_data"):
-            t0 = time.perf_counter()
-            pack_pairs(self.cfg, root.root, source.tokenizer_path)
-            self.report.stages["dpo_data"] = time.perf_counter() - t0
-            _mark_done(self.cfg, self.layout, "dpo_data", self.report.stages["dpo_data"])
+        self._data_stage("dpo_data", root, lambda: pack_pairs(self.cfg, root.root, source.tokenizer_path))
         if self.cfg.dpo.reference == "precomputed":
             e = self.cfg.eval
             t0 = time.perf_counter()
             compute_reference_logps(root.root, self.cfg.finetune.base, actors=e.actors, cpus=e.cpus_per_actor,
                                     batch_size=e.batch_size, use_gpu=e.use_gpu)
             self.report.stages["reference"] = time.perf_counter() - t0
-        manifest = json.loads(storage.read_bytes(root.manifest))
-        tracking.log_stage_stats(self.run_id, [{"stage": "dpo_data", **manifest["documents"]}])
-        self.report.manifest = manifest
         return self.train(objective="dpo", data=root)
+
+    def _data_stage(self, stage: str, data: RunLayout, pack) -> dict:
+        """`pack()` unless its output is up to date, then its counts to MLflow; returns the data's manifest."""
+        if not self._skip(stage):
+            t0 = time.perf_counter()
+            pack()
+            self.report.stages[stage] = time.perf_counter() - t0
+            _mark_done(self.cfg, self.layout, stage, self.report.stages[stage])
+        manifest = json.loads(storage.read_bytes(data.manifest))
+        tracking.log_stage_stats(self.run_id, [{"stage": stage, **manifest["documents"]}])
+        self.report.manifest = manifest
+        return manifest
 
     def _base(self):
         """The model fine-tuning and DPO start from, checked: named, and outside this run's workdir."""

@@ -128,6 +128,7 @@ class PreferenceOptimization(FineTuning):
     def __post_init__(self):
         self._stats = None
         self._reference_model = None
+        self._val = None
 
     @property
     def _normalize(self) -> bool:
@@ -218,20 +219,21 @@ class PreferenceOptimization(FineTuning):
         from athanor.model.preference import preference_loss
         from athanor.model.scoring import score_windows
 
-        val = self.dataset(self._root, "val")
+        from .train import rank_share
+
+        if self._val is None:  # memory-mapped once, with its reference log-probs
+            self._val = self.dataset(self._root, "val")
+        val = self._val
         n = min(len(val), t.eval_batches * t.micro_batch_size)
         if not n:
             return {}
-        per_rank = -(-n // dp)
-        mine = list(range(min(n, dp_rank * per_rank), min(n, (dp_rank + 1) * per_rank)))
-        padded = mine + [mine[-1] if mine else n - 1] * (per_rank - len(mine))  # the same forwards on every rank
+        mine, padded = rank_share(n, dp_rank, dp)
         windows, masks = [], []
         for pair in padded:
             for row in (2 * pair, 2 * pair + 1):
-                tokens, mask = val.rows[row], val.rows.loss_mask(row)
-                end = int(np.flatnonzero(mask).max()) + 1
-                windows.append(tokens[:end].astype(np.int64).tolist())
-                masks.append(mask[1:end].astype(int).tolist())
+                tokens, mask = val.rows.example(row)
+                windows.append(tokens.astype(np.int64).tolist())
+                masks.append(mask.astype(int).tolist())
 
         def logps(m) -> torch.Tensor:
             scores = score_windows(m, windows, [len(w) - 1 for w in windows], batch_size=t.micro_batch_size,

@@ -42,10 +42,9 @@ def _rows(batch: dict[str, np.ndarray], root: str, split: str) -> dict[str, list
     shards = TokenShards(root, split, verify=False)
     tokens, masks = [], []
     for r in batch["id"]:
-        window, mask = shards[int(r)], shards.loss_mask(int(r))
-        end = int(np.flatnonzero(mask).max()) + 1  # the answer's EOS is the last real token
-        tokens.append(window[:end].astype(np.int32))
-        masks.append(mask[1:end].astype(np.int8))
+        window, mask = shards.example(int(r))
+        tokens.append(window.astype(np.int32))
+        masks.append(mask.astype(np.int8))
     return {"row": batch["id"], "tokens": tokens, "target_mask": masks,
             "n_scored": np.array([len(t) - 1 for t in tokens])}
 

@@ -175,37 +175,66 @@ def write_split(layout: RunLayout, split: str, windows: list[tuple[list[int], li
             "fingerprint": fingerprint([s["sha256"] for s in shards]), "shards": shards}
 
 
+def read_splits(section, name: str, reader, tok: Tokenizer, seed: int, what: str) -> tuple[dict[str, list], Counter]:
+    """The usable items of `<name>.train_files` and `val_files` by split (val_files, or else a seeded val_fraction
+    of the train files), read by `reader(path, tok, max_tokens)`, and the drops by reason. `what` says what a line
+    holds, for the errors."""
+    if not section.train_files:
+        raise ValueError(f"{name}.train_files: name at least one JSONL file of {what}")
+    for field in ("train_files", "val_files"):
+        for path in getattr(section, field):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{name}.{field}: no such file: {path}")
+    items: dict[str, list] = {"train": [], "val": []}
+    dropped: Counter = Counter()
+    for field, split in (("train_files", "train"), ("val_files", "val")):
+        for path in getattr(section, field):
+            found, bad = reader(path, tok, section.seq_len + 1)
+            dropped += bad
+            for item in found:
+                fixed = split == "val" or section.val_files
+                items[split if fixed else split_of(item, path, section.val_fraction, seed)].append(item)
+    if not items["train"]:
+        raise ValueError(f"{name}.train_files: nothing usable (dropped: {dict(dropped)})")
+    return items, dropped
+
+
+def clear_shards(layout: RunLayout) -> None:
+    """A re-run must not leave stale shards beside new ones; the manifest goes first so no reader sees a mix."""
+    storage.delete(layout.manifest)
+    for split in SPLITS:
+        storage.makedirs(layout.shards(split))
+        for old in storage.glob(layout.shards(split), "*.arrow"):
+            storage.delete(old)
+
+
+def write_manifest(layout: RunLayout, tok: Tokenizer, seq_len: int, dtype: np.dtype, splits: dict, **fields) -> dict:
+    """The shard manifest of a fine-tuning or preference data set (the pretraining format, the chat template named),
+    with a copy of the tokenizer beside it; `fields` add config, documents and whatever the set reports."""
+    storage.write_bytes(layout.tokenizer_model, storage.read_bytes(tok.path))
+    manifest = {
+        "format": MANIFEST_FORMAT, "seq_len": seq_len, "vocab_size": tok.vocab_size, "dtype": dtype.name,
+        "special_ids": {"pad": tok.pad_id, "unk": tok.unk_id, "bos": tok.bos_id, "eos": tok.eos_id},
+        "tokenizer": {"path": "tokenizer/" + layout.tokenizer_model.name, "sha256": tok.sha256},
+        "template": "athanor-chat/1", "splits": splits,
+        "fingerprint": fingerprint([s["sha256"] for split in SPLITS for s in splits[split]["shards"]]), **fields,
+    }
+    storage.write_text(layout.manifest, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
 def pack_instructions(cfg: AthanorConfig, root: Location, tokenizer_path: str | Path) -> dict:
     """Templated, masked examples of `finetune.train_files` (and val_files) packed into token shards under `root`,
     in the pretraining shard format plus a loss_mask column, with a manifest and a copy of the tokenizer; returns
     the manifest. Training windows hold as many whole examples as fit; validation windows one example each, so
     scoring them needs no document masking."""
     ft = cfg.finetune
-    if not ft.train_files:
-        raise ValueError("finetune.train_files: name at least one JSONL file of {prompt, response} or {messages}")
-    for field in ("train_files", "val_files"):
-        for path in getattr(ft, field):
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"finetune.{field}: no such file: {path}")
     layout = RunLayout(root)
     tok = Tokenizer(tokenizer_path)
     width = ft.seq_len + 1
-    chosen: dict[str, list[Example]] = {"train": [], "val": []}
-    dropped: Counter = Counter()
-    for field, split in (("train_files", "train"), ("val_files", "val")):
-        for path in getattr(ft, field):
-            examples, bad = read_examples(path, tok, width)
-            dropped += bad
-            for ex in examples:
-                to = split if (split == "val" or ft.val_files) else split_of(ex, path, ft.val_fraction, cfg.run.seed)
-                chosen[to].append(ex)
-    if not chosen["train"]:
-        raise ValueError(f"finetune.train_files: no usable example (dropped: {dict(dropped)})")
-    for split in SPLITS:
-        storage.delete(layout.manifest)
-        storage.makedirs(layout.shards(split))
-        for old in storage.glob(layout.shards(split), "*.arrow"):
-            storage.delete(old)
+    chosen, dropped = read_splits(ft, "finetune", read_examples, tok, cfg.run.seed,
+                                  "{prompt, response} or {messages}")
+    clear_shards(layout)
     dtype = token_dtype(tok.vocab_size)
     splits = {
         "train": write_split(layout, "train", list(pack(chosen["train"], width, tok.pad_id)), ft.shard_sequences,
@@ -213,16 +242,6 @@ def pack_instructions(cfg: AthanorConfig, root: Location, tokenizer_path: str | 
         "val": write_split(layout, "val", [w for ex in chosen["val"] for w in pack([ex], width, tok.pad_id)],
                            ft.shard_sequences, dtype, len(chosen["val"])),
     }
-    storage.write_bytes(layout.tokenizer_model, Path(tokenizer_path).read_bytes())
-    kept = len(chosen["train"]) + len(chosen["val"])
-    manifest = {
-        "format": MANIFEST_FORMAT, "seq_len": ft.seq_len, "vocab_size": tok.vocab_size, "dtype": dtype.name,
-        "special_ids": {"pad": tok.pad_id, "unk": tok.unk_id, "bos": tok.bos_id, "eos": tok.eos_id},
-        "tokenizer": {"path": "tokenizer/" + layout.tokenizer_model.name, "sha256": tok.sha256},
-        "config": {"finetune": ft.model_dump(mode="json"), "seed": cfg.run.seed},
-        "documents": counts(kept, dropped), "template": "athanor-chat/1",
-        "splits": splits,
-        "fingerprint": fingerprint([s["sha256"] for split in SPLITS for s in splits[split]["shards"]]),
-    }
-    storage.write_text(layout.manifest, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return manifest
+    return write_manifest(layout, tok, ft.seq_len, dtype, splits,
+                          config={"finetune": ft.model_dump(mode="json"), "seed": cfg.run.seed},
+                          documents=counts(len(chosen["train"]) + len(chosen["val"]), dropped))

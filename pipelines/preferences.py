@@ -35,11 +35,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from athanor import storage
 from athanor.config import AthanorConfig
 from athanor.layout import RunLayout
-from athanor.pipelines.instructions import conversation, counts, encode_conversation, pack, split_of, write_split
-from athanor.pipelines.shards import MANIFEST_FORMAT, SPLITS, fingerprint, token_dtype
+from athanor.pipelines.instructions import (clear_shards, conversation, counts, encode_conversation, pack,
+                                            read_splits, write_manifest, write_split)
+from athanor.pipelines.shards import SPLITS, token_dtype
 from athanor.pipelines.tokenizer import Tokenizer
 from athanor.storage import Location
 
@@ -162,31 +162,11 @@ def pack_pairs(cfg: AthanorConfig, root: Location, tokenizer_path: str | Path) -
     under `root`: one example per window, row 2i chosen and 2i+1 rejected, shards holding whole pairs, with a
     manifest and a copy of the tokenizer; returns the manifest."""
     dpo = cfg.dpo
-    if not dpo.train_files:
-        raise ValueError("dpo.train_files: name at least one JSONL file of {prompt, chosen, rejected}")
-    for field in ("train_files", "val_files"):
-        for path in getattr(dpo, field):
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"dpo.{field}: no such file: {path}")
     layout = RunLayout(root)
     tok = Tokenizer(tokenizer_path)
     width = dpo.seq_len + 1
-    kept: dict[str, list[Pair]] = {"train": [], "val": []}
-    dropped: Counter = Counter()
-    for field, split in (("train_files", "train"), ("val_files", "val")):
-        for path in getattr(dpo, field):
-            pairs, bad = read_pairs(path, tok, width)
-            dropped += bad
-            for p in pairs:
-                to = split if (split == "val" or dpo.val_files) else split_of(p, path, dpo.val_fraction, cfg.run.seed)
-                kept[to].append(p)
-    if not kept["train"]:
-        raise ValueError(f"dpo.train_files: no usable pair (dropped: {dict(dropped)})")
-    storage.delete(layout.manifest)
-    for split in SPLITS:
-        storage.makedirs(layout.shards(split))
-        for old in storage.glob(layout.shards(split), "*.arrow"):
-            storage.delete(old)
+    kept, dropped = read_splits(dpo, "dpo", read_pairs, tok, cfg.run.seed, "{prompt, chosen, rejected}")
+    clear_shards(layout)
     dtype = token_dtype(tok.vocab_size)
     rows_per_shard = max(2, dpo.shard_sequences - dpo.shard_sequences % 2)  # whole pairs in every shard
     splits = {}
@@ -194,16 +174,7 @@ def pack_pairs(cfg: AthanorConfig, root: Location, tokenizer_path: str | Path) -
         windows = pair_windows(kept[split], width, tok.pad_id)
         splits[split] = write_split(layout, split, windows, rows_per_shard, dtype, len(windows))
         splits[split]["pairs"] = len(kept[split])
-    storage.write_bytes(layout.tokenizer_model, Path(tokenizer_path).read_bytes())
-    manifest = {
-        "format": MANIFEST_FORMAT, "seq_len": dpo.seq_len, "vocab_size": tok.vocab_size, "dtype": dtype.name,
-        "special_ids": {"pad": tok.pad_id, "unk": tok.unk_id, "bos": tok.bos_id, "eos": tok.eos_id},
-        "tokenizer": {"path": "tokenizer/" + layout.tokenizer_model.name, "sha256": tok.sha256},
-        "config": {"dpo": dpo.model_dump(mode="json"), "seed": cfg.run.seed},
-        "documents": counts(len(kept["train"]) + len(kept["val"]), dropped), "template": "athanor-chat/1",
-        "rows": ROW_LAYOUT, "pairs": {split: len(kept[split]) for split in SPLITS},
-        "splits": splits,
-        "fingerprint": fingerprint([s["sha256"] for split in SPLITS for s in splits[split]["shards"]]),
-    }
-    storage.write_text(layout.manifest, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return manifest
+    return write_manifest(layout, tok, dpo.seq_len, dtype, splits,
+                          config={"dpo": dpo.model_dump(mode="json"), "seed": cfg.run.seed},
+                          documents=counts(len(kept["train"]) + len(kept["val"]), dropped),
+                          rows=ROW_LAYOUT, pairs={split: len(kept[split]) for split in SPLITS})

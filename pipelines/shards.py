@@ -203,6 +203,13 @@ class TokenShards:
         mask = self._masks[shard]
         return np.ones(self.seq_len + 1, dtype=np.uint8) if mask is None else mask[row]
 
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sequence i of a one-example-per-window split (fine-tuning validation, preference pairs) without its
+        padding: the tokens up to the answer's EOS, and the 0/1 mask over their targets (tokens 1..)."""
+        mask = self.loss_mask(i)
+        end = int(np.flatnonzero(mask).max()) + 1
+        return self[i][:end], mask[1:end]
+
     def target_bytes(self, i: int, byte_lengths: np.ndarray, dummy_prefix: bool) -> int:
         """UTF-8 bytes of the text behind sequence i's targets (tokens 1..seq_len), for bits per byte.
 

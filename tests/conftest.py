@@ -46,6 +46,26 @@ def data_dir() -> Path:
     return DATA
 
 
+def _faq_files(data_dir: Path, folder: str, script: str) -> tuple[Path, Path]:
+    """(train, held-out) JSONL built from the Python FAQ (Debian's python3.11-doc) by `script`, if missing."""
+    out = data_dir / folder
+    if not (out / "SOURCES.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--data", str(data_dir)], check=True)
+    return out / "python_faq.train.jsonl", out / "python_faq.heldout.jsonl"
+
+
+@pytest.fixture(scope="session")
+def faq(data_dir):
+    """The Python FAQ question/answer pairs for fine-tuning."""
+    return _faq_files(data_dir, "instructions", "build_instructions.py")
+
+
+@pytest.fixture(scope="session")
+def pairs(data_dir):
+    """The FAQ preference pairs for DPO."""
+    return _faq_files(data_dir, "preferences", "build_preferences.py")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny shapes gain nothing from intra-op threads, and on a busy 2-core runner OpenMP spin-waits make them crawl."""

@@ -7,8 +7,6 @@ this many steps.)"""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,16 +21,6 @@ from athanor.config import load_config
 DPO_CONFIG = "configs/dpo-smoke.yaml"
 DPO = load_config(ROOT / DPO_CONFIG)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="session")
-def pairs(data_dir):
-    """The FAQ preference pairs (train, held out), built from Debian's python3.11-doc if missing."""
-    out = data_dir / "preferences"
-    if not (out / "SOURCES.json").exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "build_preferences.py"), "--data", str(data_dir)],
-                       check=True)
-    return out / "python_faq.train.jsonl", out / "python_faq.heldout.jsonl"
 
 
 @pytest.mark.slow

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,16 +22,6 @@ from athanor.pipelines.tokenizer import Tokenizer
 FT_CONFIG = "configs/finetune-smoke.yaml"
 FT = load_config(ROOT / FT_CONFIG)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="session")
-def faq(data_dir):
-    """The Python FAQ pairs (train, held out), built from Debian's python3.11-doc if missing."""
-    out = data_dir / "instructions"
-    if not (out / "SOURCES.json").exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "build_instructions.py"), "--data", str(data_dir)],
-                       check=True)
-    return out / "python_faq.train.jsonl", out / "python_faq.heldout.jsonl"
 
 
 @pytest.fixture(scope="module")
