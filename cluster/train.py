@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from athanor.config import AthanorConfig, DataConfig, ModelConfig, TrainConfig
@@ -121,12 +120,10 @@ def val_shard_set(shards, n: int, tokenizer: Tokenizer) -> EvalSet:
                        [shards.target_bytes(i, lengths, dummy) for i in ids])
     windows, masks, n_bytes = [], [], []
     for i in ids:
-        tokens = shards[i].astype("int64")
-        end = int(np.flatnonzero(tokens != tokenizer.pad_id).max()) + 1  # the padding after the example goes
-        mask = shards.loss_mask(i)[1:end].astype(bool)
-        windows.append(tokens[:end].tolist())
+        tokens, mask = shards.example(i)
+        windows.append(tokens.astype("int64").tolist())
         masks.append(mask.astype(int).tolist())
-        n_bytes.append(int(lengths[tokens[1:end][mask]].sum()))
+        n_bytes.append(int(lengths[tokens[1:][mask.astype(bool)]].sum()))
     return EvalSet("val", windows, n_bytes, masks)
 
 
@@ -144,7 +141,24 @@ def document_set(name: str, files: list[str], tokenizer_path: str, context: int,
     kept = [r for r in table.to_pylist() if r["error"] is None][:max_windows]
     if not kept:
         raise ValueError(f"train.eval_sets.{name}: no readable document in {files}")
-    return EvalSet(name, [r["tokens"] for r in kept], [r["bytes"] for r in kept])
+    # Bytes per window from the targets it scores (a capped set scores part of a document, so the document's own
+    # byte count would overstate them); the dummy-prefix space of a document's first piece is not in its text.
+    tok = Tokenizer(tokenizer_path, num_threads=1)
+    lengths, dummy = tok.byte_lengths(), tok.adds_dummy_prefix
+    windows = [r["tokens"] for r in kept]
+    n_bytes = [int(lengths[w[len(w) - r["n_scored"]:]].sum())
+               - int(dummy and w[0] == tok.bos_id and lengths[w[1]] > 0) for w, r in zip(windows, kept)]
+    masks = [[0] * (len(w) - 1 - r["n_scored"]) + [1] * r["n_scored"] for w, r in zip(windows, kept)]
+    return EvalSet(name, windows, n_bytes, masks)
+
+
+def rank_share(n: int, dp_rank: int, dp: int) -> tuple[list[int], list[int]]:
+    """This data-parallel rank's contiguous share of n evaluation items, and that share padded with repeats of its
+    last item to the same length on every rank (FSDP and TP need every rank to run the same forward passes; the
+    repeats are scored and ignored)."""
+    per_rank = -(-n // dp)
+    mine = list(range(min(n, dp_rank * per_rank), min(n, (dp_rank + 1) * per_rank)))
+    return mine, mine + [mine[-1] if mine else n - 1] * (per_rank - len(mine))
 
 
 @torch.no_grad()
@@ -158,10 +172,7 @@ def evaluate(model: torch.nn.Module, eval_set: EvalSet, dp_rank: int, dp: int, t
 
     from athanor.model.scoring import bits_per_byte, score_windows
 
-    n = len(eval_set.windows)
-    per_rank = -(-n // dp)
-    mine = list(range(min(n, dp_rank * per_rank), min(n, (dp_rank + 1) * per_rank)))
-    padded = mine + [mine[-1] if mine else n - 1] * (per_rank - len(mine))
+    mine, padded = rank_share(len(eval_set.windows), dp_rank, dp)
     windows = [eval_set.windows[i] for i in padded]
     masks = [eval_set.masks[i] for i in padded] if eval_set.masks else None
     scores = score_windows(model, windows, [len(w) - 1 for w in windows], batch_size=t.micro_batch_size,
