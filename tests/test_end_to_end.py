@@ -73,6 +73,8 @@ def test_mlflow_run_has_per_step_metrics_and_falling_loss(smoke_run):
         assert sorted(m.step for m in history) == [100, 200, 300], name
     val_bpb = sorted(evals["val_bpb"], key=lambda m: m.step)
     assert 0.5 < val_bpb[-1].value < val_bpb[0].value  # learning shows in bits per byte too
+    books = evals["eval/books/bits_per_byte"][-1].value  # the scored targets' bytes, not the whole book's
+    assert 1.0 < books < 8.0, books
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "tokenizer", "data", "checkpoint", "curation"} <= artifacts
     manifest = json.loads((workdir / "manifest.json").read_text())
