@@ -177,7 +177,8 @@ class TextGenerator:
         from athanor.model.generate import generate_batch, truncate_at_stop
 
         n = len(batch["prompt"])
-        errors = list(batch["error"]) if "error" in batch else [None] * n
+        # An error column that is None in every row of the dataset reaches the batch as NaN floats, not None.
+        errors = [e if isinstance(e, str) and e else None for e in batch["error"]] if "error" in batch else [None] * n
         completion: list[str | None] = [None] * n
         generated = np.zeros(n, dtype=np.int64)
         finish: list[str | None] = [None] * n

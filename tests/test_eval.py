@@ -218,3 +218,7 @@ def test_generate_file_answers_every_line_in_order_and_names_bad_ones(tiny, tmp_
     expected = generate(model, ids, 12, temperature=0, eos_id=tok.eos_id)  # the one-prompt path, greedy
     assert first["completion"] == tok.decode_continuation(ids, [t for t in expected if t != tok.eos_id])
     assert "." not in lines[-1]["completion"]  # cut at the stop string
+    clean = tmp_path / "clean.jsonl"  # no bad line: Ray Data types the all-None error column as null (NaN)
+    clean.write_text('{"prompt": "Alice was beginning"}\n{"prompt": "The Queen said"}\n')
+    counts = generate_file(str(ckpt), str(clean), str(tmp_path / "clean.out.jsonl"), {"max_new_tokens": 4})
+    assert counts == {"length": 2}, counts
