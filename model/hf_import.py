@@ -60,11 +60,8 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_hf_folder(folder: str | Path) -> tuple[Transformer, ModelConfig]:
-    """(model in eval mode, its config) from an HF Llama folder; weights are kept in float32."""
-    folder = Path(folder)
-    cfg = model_config_from_hf(json.loads((folder / HF_CONFIG).read_text()))
-    theirs = _read_safetensors(folder)
+def athanor_state(theirs: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path) -> dict[str, torch.Tensor]:
+    """HF Llama tensors renamed to athanor's state_dict keys (the head tied when the config says so)."""
     ours = {"tok_embeddings.weight": theirs.pop("model.embed_tokens.weight"),
             "norm.weight": theirs.pop("model.norm.weight")}
     head = theirs.pop("lm_head.weight", None)
@@ -77,6 +74,22 @@ def load_hf_folder(folder: str | Path) -> tuple[Transformer, ModelConfig]:
     leftover = [k for k in theirs if not k.endswith("rotary_emb.inv_freq")]
     if leftover:
         raise ValueError(f"{folder}: weights athanor's decoder has no place for: {leftover[:5]}")
+    return ours
+
+
+def load_hf_folder(folder: str | Path) -> tuple[Transformer, ModelConfig]:
+    """(model in eval mode, its config) from an HF Llama folder; weights are kept in float32.
+
+    A compressed-tensors quantized folder (`athanor quantize`) loads with QuantizedLinear projections.
+    """
+    folder = Path(folder)
+    hf = json.loads((folder / HF_CONFIG).read_text())
+    if "quantization_config" in hf:
+        from athanor.model.quant_export import load_quantized
+
+        return load_quantized(folder)
+    cfg = model_config_from_hf(hf)
+    ours = athanor_state(_read_safetensors(folder), cfg, folder)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device="cpu")
