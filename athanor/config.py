@@ -363,6 +363,31 @@ class EvalConfig(_Section):
     run_name: str | None = None
 
 
+class QuantizeConfig(_Section):
+    """`athanor quantize`: weight-only post-training quantization of a checkpoint's block projections (attention and
+    MLP Linear layers; embedding and head stay full precision unless include_head), measured by `athanor eval`."""
+
+    method: Literal["int8", "int4", "gptq", "awq"] = "int8"
+    bits: Literal[4, 8] | None = None  # None: the method's (int8: 8; int4, gptq, awq: 4)
+    group_size: int | None = None  # weights per scale along the input; None: the method's (int8: per channel,
+    #                                others 128); -1: per output channel (GPTQ's convention)
+    calibration: int = Field(128, ge=1)  # sequences for gptq / awq, sampled from the training shards
+    calibration_from: str | None = None  # a run workdir whose train shards calibrate; None: run.workdir
+    damp: float = Field(0.01, gt=0, lt=1)  # GPTQ: added to the Hessian's diagonal, times its mean
+    act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal (static groups)
+    include_head: bool = False  # quantize the output head too (untied from the embedding when tied)
+    output: str | None = None  # None: <workdir>/quantized/<method>-w<bits>-g<group>
+    evaluate: bool = True  # score the full-precision and the quantized model on the run's validation shards
+
+    @model_validator(mode="after")
+    def _group(self) -> "QuantizeConfig":
+        if self.group_size is not None and self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"group_size must be -1 (per channel) or at least 1, got {self.group_size}")
+        if self.method == "int8" and self.bits == 4:
+            raise ValueError("method int8 quantizes to 8 bits; use int4, gptq or awq for 4 bits")
+        return self
+
+
 class ClusterConfig(_Section):
     address: str | None = None  # None: start an embedded local Ray; "auto" or ray://... joins a cluster
     num_cpus: int | None = None  # for the embedded cluster; None lets Ray count the machine's cores
@@ -383,6 +408,7 @@ class AthanorConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 

@@ -9,6 +9,7 @@
     athanor generate --checkpoint PATH --prompt "..."       continue one prompt (KV cache)
     athanor generate --checkpoint PATH --input P.jsonl --output OUT.jsonl   many prompts, batched, on Ray Data
     athanor lm-eval --model athanor --model_args checkpoint=PATH --tasks ...   lm-evaluation-harness on a checkpoint
+    athanor quantize [CONFIG] --checkpoint PATH --method int8|int4|gptq|awq   weight-only quantization, measured
     athanor export --checkpoint PATH --format hf --out DIR  a LlamaForCausalLM folder for transformers
     athanor submit CONFIG --address http://HEAD:8265        the same run as a Ray job on a cluster
     athanor jobs status|logs|stop|list [JOB_ID]             follow and control submitted jobs
@@ -77,6 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--actors", type=int, default=1, help="--input: model copies in the actor pool")
     gen.add_argument("--batch-size", type=int, default=32, help="--input: prompts per batch")
+
+    qz = sub.add_parser("quantize", help="weight-only quantization (int8, int4 RTN, GPTQ, AWQ) of a checkpoint into "
+                                         "a compressed-tensors HF folder, with its perplexity cost")
+    qz.add_argument("config", nargs="?", default=None,
+                    help="YAML config (default: the config.resolved.yaml of the checkpoint's run)")
+    qz.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any config field, e.g. --set quantize.damp=0.05 (repeatable)")
+    qz.add_argument("--checkpoint", default=None,
+                    help="a checkpoint folder, a run workdir (newest checkpoint) or an HF Llama folder "
+                         "(default: the config's run)")
+    for flag, field, kind in (("--method", "method", str), ("--bits", "bits", int), ("--group-size", "group_size", int),
+                              ("--calibration", "calibration", int), ("--output", "output", str)):
+        qz.add_argument(flag, dest=f"quantize.{field}", type=kind, default=None, metavar=field.upper(),
+                        help=f"quantize.{field} (see QuantizeConfig in athanor/config.py)")
 
     sub.add_parser("lm-eval", help="lm-evaluation-harness's CLI with the athanor model registered (main() hands "
                                    "every later argument to lm_eval)", add_help=False)
@@ -229,6 +244,42 @@ def _is_lora(directory) -> bool:
     return (read_trainer_state(directory).get("finetune") or {}).get("method") == "lora"
 
 
+def _quantize_config(args: argparse.Namespace):
+    """The named config, or the run's own config.resolved.yaml above the checkpoint; flags become overrides."""
+    from pathlib import Path
+
+    flags = [f"{k}={v}" for k, v in vars(args).items() if k.startswith("quantize.") and v is not None]
+    path = args.config
+    if path is None:
+        if not args.checkpoint:
+            raise UserError("quantize needs a CONFIG or --checkpoint")
+        found = [p / "config.resolved.yaml" for p in (Path(args.checkpoint), *Path(args.checkpoint).parents)]
+        path = next((p for p in found if p.is_file()), None)
+        if path is None:
+            raise UserError(f"no config.resolved.yaml in {args.checkpoint} or above it: name the run's CONFIG")
+    return load_config(path, [*args.overrides, *flags])
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from athanor.cluster.checkpoint import CheckpointError
+    from athanor.cluster.driver import init_ray
+    from athanor.cluster.quantize import format_summary, log_to_mlflow, measure, quantize, write_summary
+
+    cfg = _quantize_config(args)
+    try:
+        summary = quantize(cfg, args.checkpoint)
+        if cfg.quantize.evaluate:
+            init_ray(cfg)
+            summary = measure(cfg, summary)
+    except (ValueError, CheckpointError) as err:
+        raise UserError(str(err)) from None
+    write_summary(summary)
+    run_id = log_to_mlflow(cfg, summary)
+    print(format_summary(summary))
+    print(f"MLflow run id: {run_id} (quantize/{summary['tag']}/*)")
+    return 0
+
+
 def _presets() -> int:
     from athanor.model.flops import flops_per_token, param_count
     from athanor.model.presets import PRESETS, preset
@@ -252,6 +303,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _eval(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "quantize":
+        return _quantize(args)
     if args.command in ("submit", "jobs"):
         from .submit import SubmitError, run_command
 

@@ -89,8 +89,12 @@ def describe(path: str | Path) -> ModelSource:
     from athanor.model.hf_import import HF_CONFIG, is_hf_folder
 
     if not str(path).startswith(("s3://", "gs://")) and is_hf_folder(path):
+        from athanor.model.quant_export import quantization_metadata
+
         hf = json.loads((Path(path) / HF_CONFIG).read_text())
-        return ModelSource(Path(path), True, int(hf.get("max_position_embeddings", 2048)), None)
+        quantized = quantization_metadata(path) or {}  # `athanor quantize` output: its source's context and step
+        context = quantized.get("seq_len") or int(hf.get("max_position_embeddings", 2048))
+        return ModelSource(Path(path), True, context, quantized.get("step"))
     directory = find_checkpoint(path)
     state = read_trainer_state(directory)
     max_len = state["model_config"].get("max_seq_len", 2048)
