@@ -79,8 +79,13 @@ def load_weights(source: ModelSource) -> tuple[Transformer, ModelConfig]:
 
 
 def base_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The weights fine-tuning starts from: a checkpoint, run folder or HF folder."""
-    return load_weights(describe(path))[0].state_dict()
+    """The weights fine-tuning starts from: a checkpoint, run folder or HF folder (not a quantized one)."""
+    from athanor.model.hf_import import HF_CONFIG
+
+    source = describe(path)
+    if source.hf and "quantization_config" in json.loads((source.directory / HF_CONFIG).read_text()):
+        raise ValueError(f"{path} is a quantized model: fine-tune the full-precision checkpoint it was made from")
+    return load_weights(source)[0].state_dict()
 
 
 def describe(path: str | Path) -> ModelSource:

@@ -11,6 +11,7 @@ from cli_runner import run_cli
 from training_runs import fresh_training_dir
 
 from athanor.cluster.checkpoint import find_checkpoint
+from athanor.cluster.inference import base_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,8 @@ def test_gptq_writes_a_loadable_folder_and_logs_its_cost(smoke_run, run_copy):
     assert metrics["quantize/gptq-w4-g32/perplexity_change"] == pytest.approx(report["perplexity_change"])
     assert metrics["quantize/gptq-w4-g32/quantized_bits_per_byte"] == pytest.approx(qz["bits_per_byte"])
 
+    with pytest.raises(ValueError, match="fine-tune the full-precision checkpoint"):
+        base_state_dict(out)  # fine-tuning would silently start from dequantized integers
     gen = run_cli("generate", "--checkpoint", str(out), "--prompt", "The government said", "--max-new-tokens", "8")
     assert gen.returncode == 0 and gen.stdout.startswith("The government said"), gen.stderr[-2000:]
 
