@@ -12,6 +12,7 @@ A model is an athanor checkpoint (or a run folder: its newest checkpoint) or a H
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,16 +107,23 @@ def describe(path: str | Path) -> ModelSource:
     return ModelSource(directory, False, min(state.get("seq_len") or max_len, max_len), state["step"])
 
 
-def load_for_inference(path: str | Path, device: str | None = None) -> InferenceModel:
-    """An athanor checkpoint / run folder, or an HF Llama folder, on `device` (default: CUDA when present, bf16)."""
+def load_for_inference(path: str | Path, device: str | None = None, bf16_weights: bool = True) -> InferenceModel:
+    """An athanor checkpoint / run folder, or an HF Llama folder, on `device` (default: CUDA when present, with
+    bf16 weights unless `bf16_weights` is False: fp32 weights for a caller that runs under autocast as training
+    does)."""
     source = describe(path)
     model, cfg = load_weights(source)
     tokenizer = Tokenizer(source.tokenizer_path, num_threads=1)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and bf16_weights:
         model = model.to(torch.bfloat16)
     return InferenceModel(model.eval(), cfg, tokenizer, source.directory, source.context, source.step)
+
+
+def training_precision(device: torch.device):
+    """The training loop's precision context: bf16 autocast over fp32 weights on a GPU, plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 class WindowScorer:
@@ -127,9 +135,12 @@ class WindowScorer:
     logprob 0, so its error reaches the output instead of vanishing.
     """
 
-    def __init__(self, checkpoint: str, batch_size: int = 16, cpus: int = 1):
+    def __init__(self, checkpoint: str, batch_size: int = 16, cpus: int = 1, as_training: bool = False):
         torch.set_num_threads(max(1, cpus))
-        self.m = load_for_inference(checkpoint)
+        # as_training: the training loop's precision (fp32 weights, bf16 autocast on a GPU), for numbers that must
+        # equal the loop's own, as DPO's reference log-probs must at the first step; else bf16 weights on a GPU.
+        self.m = load_for_inference(checkpoint, bf16_weights=not as_training)
+        self.precision = training_precision(self.m.device) if as_training else nullcontext()
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -141,8 +152,9 @@ class WindowScorer:
         if len(live):
             masks = ([np.asarray(batch["target_mask"][i]).tolist() for i in live] if "target_mask" in batch
                      else None)
-            scores = score_windows(self.m.model, [np.asarray(batch["tokens"][i]).tolist() for i in live],
-                                   n_scored[live].tolist(), self.m.tokenizer.pad_id, self.batch_size, masks)
+            with self.precision:
+                scores = score_windows(self.m.model, [np.asarray(batch["tokens"][i]).tolist() for i in live],
+                                       n_scored[live].tolist(), self.m.tokenizer.pad_id, self.batch_size, masks)
             logprob[live] = [s.logprob for s in scores]
             greedy[live] = [s.greedy for s in scores]
             counted[live] = [s.n_scored for s in scores]

@@ -219,6 +219,7 @@ class PreferenceOptimization(FineTuning):
         from athanor.model.preference import preference_loss
         from athanor.model.scoring import score_windows
 
+        from .inference import training_precision
         from .train import rank_share
 
         if self._val is None:  # memory-mapped once, with its reference log-probs
@@ -241,13 +242,15 @@ class PreferenceOptimization(FineTuning):
             values = torch.tensor([s.logprob / (s.n_scored if self._normalize else 1) for s in scores])
             return values.view(-1, 2).double()
 
-        policy = logps(model)
+        with training_precision(next(model.parameters()).device):  # the reference's and the loop's precision
+            policy = logps(model)
         if val.reference is not None:
             ref = torch.from_numpy(val.reference[padded]).double()
         elif self._reference_model is not None:
-            ref = logps(self._reference_model.to(next(model.parameters()).device))
+            with training_precision(next(model.parameters()).device):
+                ref = logps(self._reference_model.to(next(model.parameters()).device))
         else:
-            with adapters_disabled(model):
+            with adapters_disabled(model), training_precision(next(model.parameters()).device):
                 ref = logps(model)
         d = self.cfg.dpo
         losses, chosen, rejected = preference_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta=d.beta,

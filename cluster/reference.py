@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from athanor import storage
 from athanor.storage import Location
 
-from .inference import WindowScorer, map_with_model
+from .inference import WindowScorer, describe, map_with_model
 
 log = logging.getLogger("athanor")
 PART_ROWS = 2048  # an even number: a part holds whole pairs
@@ -61,7 +61,8 @@ def compute_reference_logps(root: Location, base: str, *, actors: int = 1, cpus:
     out = {}
     for split in ("train", "val"):
         n = manifest["splits"][split]["sequences"]
-        identity = {"base": str(base), "fingerprint": manifest["splits"][split]["fingerprint"], "rows": n,
+        # the checkpoint a run folder resolves to now: a newer checkpoint of the base is another reference
+        identity = {"base": str(describe(base).directory), "fingerprint": manifest["splits"][split]["fingerprint"], "rows": n,
                     "part_rows": PART_ROWS}
         marker = storage.read_json(_marker(root, split))
         if marker is not None and marker.get("identity") != identity:  # another base or data set: start over
@@ -76,7 +77,7 @@ def compute_reference_logps(root: Location, base: str, *, actors: int = 1, cpus:
             ds = ray.data.from_arrow(pa.table({"id": ids})).map_batches(_rows, fn_kwargs={"root": str(root), "split": split},
                                                       batch_format="numpy")
             scored = map_with_model(ds, WindowScorer, base, actors=actors, batch_rows=batch_size * 4, cpus=cpus,
-                                    use_gpu=use_gpu, batch_size=batch_size)
+                                    use_gpu=use_gpu, batch_size=batch_size, as_training=True)
             results = scored.select_columns(["row", "logprob", "n_counted"]).to_pandas().sort_values("row")
             for p in todo:
                 part = results[(results["row"] >= p) & (results["row"] < p + PART_ROWS)]

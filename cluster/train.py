@@ -25,6 +25,7 @@ from athanor.model.lora import trainable_parameters
 from athanor.pipelines.tokenizer import Tokenizer
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .inference import training_precision
 from .objective import objective_for
 from .parallelize import build_mesh, clip_grad_norm_, parallelize
 from .schedule import lr_at
@@ -255,7 +256,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         mlflow.log_params({"model.num_params": model.num_params(), "model.vocab_size_resolved": mcfg.vocab_size,
                            "model.trainable_params": trainable, "model.total_params": total})
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = training_precision(device)
     if step == 0 and objective.measures_start:  # fine-tuning: where the base model starts, as step 0
         start = {k: v for eval_set in eval_sets for k, v in _eval_metrics(model, eval_set, dp_rank, dp, t).items()}
         start.update(objective.extra_eval(model, dp_rank, dp, t))

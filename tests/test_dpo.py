@@ -61,6 +61,9 @@ def test_reference_logps_equal_in_process_scoring_and_are_committed_once(sp_mode
     again = compute_reference_logps(root, str(base), batch_size=4)  # committed: nothing recomputed
     assert [p.stat().st_mtime_ns for p in parts] == stamps
     np.testing.assert_array_equal(again["train"][0], found["train"][0])
+    save_model(base.parent / "checkpoint_00000070", model, cfg, sp_model, step=70, seq_len=64)
+    compute_reference_logps(root, str(base.parent), batch_size=4)  # a run folder: its newest checkpoint, a new base
+    assert [p.stat().st_mtime_ns for p in parts] != stamps
 
 
 @pytest.fixture(scope="module")
