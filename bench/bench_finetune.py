@@ -35,122 +35,23 @@ on a GPU with a base trained from the 1B preset (model.preset=1b), e.g. with con
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_bench import (ROOT, PeakMemory, athanor, default_base, dir_bytes, metric_history,  # noqa: E402
+                       mlflow_run, step_records, wait)
 
-from athanor.config import load_config
+from athanor.config import load_config  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("lora", "full")
-
-
-class PeakMemory:
-    """Samples the RayTrainWorker processes under `root_pid` in a thread: peak RSS (CPU) or per-process GPU memory
-    as nvidia-smi reports it (GPU), the max over time and workers, in bytes."""
-
-    def __init__(self, root_pid: int, interval: float, gpu: bool):
-        self.root_pid, self.interval, self.gpu = root_pid, interval, gpu
-        self.peak_rss = 0
-        self.peak_gpu = 0
-        self.workers: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _train_workers(self) -> list[psutil.Process]:
-        try:
-            procs = psutil.Process(self.root_pid).children(recursive=True)
-        except psutil.Error:
-            return []
-        found = []
-        for p in procs:
-            try:
-                if "RayTrainWorker" in " ".join(p.cmdline()):
-                    found.append(p)
-            except psutil.Error:
-                pass
-        return found
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            workers = self._train_workers()
-            for p in workers:
-                try:
-                    self.peak_rss = max(self.peak_rss, p.memory_info().rss)
-                    self.workers.add(p.pid)
-                except psutil.Error:
-                    pass
-            if self.gpu and workers:
-                self.peak_gpu = max(self.peak_gpu, _gpu_memory({p.pid for p in workers}))
-
-
-def _gpu_memory(pids: set[int]) -> int:
-    """The largest GPU memory (bytes) nvidia-smi reports for one of these processes."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    used = [int(mib) * 2**20 for pid, mib in (line.split(", ") for line in out.strip().splitlines() if ", " in line)
-            if pid.isdigit() and int(pid) in pids and mib.strip().isdigit()]
-    return max(used, default=0)
-
-
-def athanor(args: list[str], log: Path) -> subprocess.Popen:
-    """An `athanor` command as a user runs it, in its own session (so an interrupt can stop all it started)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)  # a fresh local Ray per command, as on a laptop
-    with log.open("w") as out:
-        return subprocess.Popen([sys.executable, "-m", "athanor.cluster.cli", *args], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait(proc: subprocess.Popen, log: Path, what: str) -> None:
-    try:
-        rc = proc.wait()
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait()
-        raise
-    if rc:
-        raise SystemExit(f"{what} failed (exit {rc}):\n{log.read_text()[-4000:]}")
-
-
-def has_checkpoint(path: Path) -> bool:
-    from athanor.cluster.checkpoint import find_checkpoint
-
-    try:
-        find_checkpoint(path)
-        return True
-    except FileNotFoundError:
-        return False
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def finetune(method: str, args, base: Path, work: Path, gpu: bool) -> dict:
     """One side: `athanor finetune` with this method, measured; its figures."""
-    from mlflow.tracking import MlflowClient
-
     from athanor.cluster.checkpoint import find_checkpoint
 
     sets = [f"finetune.method={method}", f"finetune.base={base}", f"run.workdir={work}",
@@ -168,18 +69,9 @@ def finetune(method: str, args, base: Path, work: Path, gpu: bool) -> dict:
         wait(proc, log, f"athanor finetune (method={method})")
     wall = time.perf_counter() - t0
 
-    records = [json.loads(line) for line in (work / "train_samples.jsonl").read_text().splitlines()]
-    last = {r["step"]: r for r in records}  # a step replayed after a worker failure: its last record counts
-    if len(last) != len(records):
-        print(f"note: {method}: {len(records) - len(last)} step(s) replayed after a failure", file=sys.stderr)
-    stamps = [last[s]["time"] for s in sorted(last)]
-    step_times = [records[0]["first_step_s"]] + [b - a for a, b in zip(stamps, stamps[1:])]
-
-    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
-    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
-    [run] = client.search_runs([experiment.experiment_id])
-    history = {name: {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
-               for name in ("val_loss", "val_bpb")}
+    _, step_times = step_records(work, method)
+    client, run = mlflow_run(work, cfg.mlflow.experiment)
+    history = metric_history(client, run, ("val_loss", "val_bpb"))
     final = max(history["val_loss"])
     checkpoint = find_checkpoint(work)
     return {"trainable": int(run.data.params["model.trainable_params"]),
@@ -220,20 +112,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="bench-finetune-") if args.scratch is None else None
     scratch = Path(tmp.name) if tmp else args.scratch.resolve()
     try:
-        base = args.base
-        if base is None:
-            base = ROOT / "runs" / "smoke"
-            if not has_checkpoint(base):
-                base = scratch / "smoke"
-                print(f"runs/smoke has no checkpoint: training the base first, `athanor run configs/smoke.yaml "
-                      f"--set run.workdir={base}` (about 2.5 minutes on 2 CPUs)", flush=True)
-                log = scratch / "smoke.log"
-                scratch.mkdir(parents=True, exist_ok=True)
-                wait(athanor(["run", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run.workdir={base}"], log),
-                     log, "athanor run configs/smoke.yaml")
-        base = base.resolve()
-        if not has_checkpoint(base):
-            raise SystemExit(f"{base} holds no checkpoint: pass --base a run folder or checkpoint")
+        base = default_base(args.base, scratch)
 
         results: dict[str, list[dict]] = {m: [] for m in METHODS}
         for r in range(args.repeats):
