@@ -5,13 +5,16 @@ settings and a run without shards fail before any work with one line naming the 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+import torch
 from cli_runner import run_cli
 from training_runs import fresh_training_dir
 
 from athanor.cluster.checkpoint import find_checkpoint
 from athanor.cluster.inference import base_state_dict
+from athanor.config import ConfigError, load_config
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +54,31 @@ def test_gptq_writes_a_loadable_folder_and_logs_its_cost(smoke_run, run_copy):
     assert gen.returncode == 0 and gen.stdout.startswith("The government said"), gen.stderr[-2000:]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--method", "int4", "--group-size", "7"], "group size 7 does not divide"),
-    (["--method", "int4", "--bits", "3"], "quantize.bits"),
-    (["--method", "int8", "--bits", "4"], "method int8 quantizes to 8 bits"),
-    (["--method", "awq", "--set", "quantize.calibration_from={empty}"], "no calibration data"),
-])
-def test_bad_settings_fail_naming_the_problem(smoke_run, tmp_path, args, message):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    args = [a.format(empty=empty) for a in args]
-    proc = run_cli("quantize", "--checkpoint", str(find_checkpoint(smoke_run[0])), "--set",
-                   f"quantize.output={tmp_path / 'out'}", *args)
+def test_a_group_size_that_does_not_divide_fails_in_one_line_writing_nothing(smoke_run, tmp_path):
+    proc = run_cli("quantize", "--checkpoint", str(find_checkpoint(smoke_run[0])), "--method", "int4",
+                   "--group-size", "7", "--set", f"quantize.output={tmp_path / 'out'}")
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "group size 7 does not divide" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["quantize.method=int4", "quantize.bits=3"], "quantize.bits"),
+    (["quantize.method=int8", "quantize.bits=4"], "method int8 quantizes to 8 bits"),
+    (["quantize.group_size=0"], "group_size must be -1 (per channel) or at least 1"),
+])
+def test_bad_settings_are_named_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_calibration_needs_the_runs_shards(smoke_run, tmp_path):
+    from athanor.cluster.inference import describe
+    from athanor.cluster.quantize import calibration_tokens
+
+    cfg = load_config(None, ["quantize.method=gptq", f"quantize.calibration_from={tmp_path}"])
+    with pytest.raises(ValueError, match="no calibration data"):
+        calibration_tokens(cfg, describe(smoke_run[0]), 8)
+    cfg = load_config(None, [f"quantize.calibration_from={smoke_run[0]}", "run.seed=3"])
+    windows = calibration_tokens(cfg, describe(smoke_run[0]), 8)  # 64-token windows and their next token
+    assert windows.shape == (8, 65) and torch.equal(windows, calibration_tokens(cfg, describe(smoke_run[0]), 8))
