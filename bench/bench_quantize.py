@@ -132,7 +132,7 @@ def run_baseline(method: str, args, hf: Path, calib: Path, ev: Path, work: Path)
     print(f"baseline {method} ({py})", flush=True)
     log = work / "baselines" / f"{method}.log"
     with log.open("w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=out.parent)  # llm-compressor writes logs/ into its cwd.returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=out.parent).returncode  # llm-compressor: logs/ in cwd
     if rc:
         print(f"  {method} FAILED (exit {rc}); last lines of {log}:\n" + "\n".join(log.read_text().splitlines()[-8:]),
               flush=True)
