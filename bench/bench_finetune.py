@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_bench import (ROOT, PeakMemory, athanor, default_base, dir_bytes, metric_history,  # noqa: E402
+from cli_bench import (ROOT, PeakMemory, add_run_args, athanor, check_run_args, default_base, dir_bytes, metric_history,  # noqa: E402
                        mlflow_run, step_records, wait)
 
 from athanor.config import load_config  # noqa: E402
@@ -86,28 +86,9 @@ def finetune(method: str, args, base: Path, work: Path, gpu: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "finetune-smoke.yaml")
-    parser.add_argument("--base", type=Path, default=None,
-                        help="the model to fine-tune: a run folder or checkpoint (default: runs/smoke if it has a "
-                             "checkpoint, else a smoke run trained first)")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state median")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per side, interleaved")
-    parser.add_argument("--sample-s", type=float, default=0.2, help="memory sampling interval")
-    parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
-                        help="train on GPUs (train.use_gpu=true); default: when torch sees CUDA")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="another override for both sides, e.g. train.num_workers=1 (repeatable)")
-    parser.add_argument("--scratch", type=Path, default=None, help="keep the working folders here (default: a "
-                                                                   "temporary folder, removed)")
+    add_run_args(parser, ROOT / "configs" / "finetune-smoke.yaml", 40, "fine-tune")
     args = parser.parse_args()
-    if args.steps <= args.warmup:
-        raise SystemExit("--steps must exceed --warmup")
-    if args.gpu is None:
-        import torch
-
-        args.gpu = torch.cuda.is_available()
-    args.config = args.config.resolve()
+    check_run_args(args)
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-finetune-") if args.scratch is None else None
     scratch = Path(tmp.name) if tmp else args.scratch.resolve()

@@ -7,6 +7,7 @@ Not a benchmark itself: `python bench/bench_finetune.py` and `python bench/bench
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -153,3 +154,33 @@ def mlflow_run(work: Path, experiment: str):
 
 def metric_history(client, run, names) -> dict[str, dict[int, float]]:
     return {name: {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)} for name in names}
+
+
+def add_run_args(parser: argparse.ArgumentParser, config: Path, steps: int, what: str) -> None:
+    """The options every CLI-run benchmark shares: config, base, steps, warm-up, repeats, sampling, GPU, overrides,
+    scratch folder."""
+    parser.add_argument("--config", type=Path, default=config)
+    parser.add_argument("--base", type=Path, default=None,
+                        help=f"the model to {what}: a run folder or checkpoint (default: runs/smoke if it has a "
+                             "checkpoint, else a smoke run trained first)")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state median")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per side, interleaved")
+    parser.add_argument("--sample-s", type=float, default=0.2, help="memory sampling interval")
+    parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                        help="train on GPUs (train.use_gpu=true); default: when torch sees CUDA")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="another override for every side, e.g. train.num_workers=1 (repeatable)")
+    parser.add_argument("--scratch", type=Path, default=None, help="keep the working folders and command logs here "
+                                                                   "(default: a temporary folder, removed)")
+
+
+def check_run_args(args: argparse.Namespace) -> None:
+    """Validate and resolve what add_run_args parsed (--gpu defaults to whether torch sees CUDA)."""
+    if args.steps <= args.warmup:
+        raise SystemExit("--steps must exceed --warmup")
+    if args.gpu is None:
+        import torch
+
+        args.gpu = torch.cuda.is_available()
+    args.config = args.config.resolve()
