@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 
-import signal
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 from cli_runner import ROOT
 from test_hf_export import sp_model, trained_model  # noqa: F401 - sp_model is a fixture
-from training_runs import effective_steps, finish, records, running, start_train, wait_for
+from training_runs import effective_steps, finish, records, start_train, stop_after
 
 from athanor.cluster.checkpoint import save_model
 from athanor.config import load_config
@@ -88,13 +87,8 @@ def test_dpo_stopped_and_resumed_on_one_worker_learns_the_held_out_preference(sm
 
     work = tmp_path / "run"
     sets = (f"finetune.base={smoke_run[0]}", f"dpo.train_files=[{spin_pairs[0]}]", f"dpo.val_files=[{spin_pairs[1]}]")
-    with running(start_train(work, *sets, config=DPO_CONFIG, command="dpo")) as proc:
-        wait_for(lambda: max(effective_steps(work), default=0) >= DPO.train.checkpoint_every + 2, proc, 400,
-                 "steps past the first checkpoint")
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, out[-5000:]
-    stopped_at = max(effective_steps(work))
+    stopped_at = stop_after(work, start_train(work, *sets, config=DPO_CONFIG, command="dpo"),
+                            DPO.train.checkpoint_every + 2, "steps past the first checkpoint")
     out = finish(start_train(work, *sets, "train.num_workers=1", config=DPO_CONFIG, command="dpo"))
     starts = [(r["step"], r["world_size"]) for r in records(work) if "started" in r]
     assert starts == [(1, 2), (stopped_at + 1, 1)], starts

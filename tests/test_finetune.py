@@ -13,7 +13,7 @@ import pytest
 import torch
 from cli_runner import ROOT
 from training_runs import (assert_same_training, effective_steps, finish, records, running, start_train,
-                           train_workers, wait_for)
+                           stop_after, train_workers, wait_for)
 
 from athanor.config import ModelConfig, load_config
 from athanor.pipelines.instructions import encode_conversation, pack, pack_instructions, prompt_ids, read_examples
@@ -150,13 +150,8 @@ def test_stopped_finetune_resumes_on_one_worker_as_if_uninterrupted(finetune_run
     baseline, _ = finetune_run
     work = tmp_path / "run"
     base = f"finetune.base={smoke_run[0]}"
-    with running(start_train(work, base, config=FT_CONFIG, command="finetune")) as proc:
-        wait_for(lambda: max(effective_steps(work), default=0) >= FT.train.checkpoint_every + 2, proc, 400,
-                 "steps past the first checkpoint")
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, out[-5000:]
-    stopped_at = max(effective_steps(work))
+    stopped_at = stop_after(work, start_train(work, base, config=FT_CONFIG, command="finetune"),
+                            FT.train.checkpoint_every + 2, "steps past the first checkpoint")
     finish(start_train(work, base, "train.num_workers=1", config=FT_CONFIG, command="finetune"))
     starts = [(r["step"], r["world_size"]) for r in records(work) if "started" in r]
     assert starts == [(1, 2), (stopped_at + 1, 1)], starts

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -68,6 +69,17 @@ def running(proc: subprocess.Popen):
     except BaseException:
         os.killpg(proc.pid, 9)
         raise
+
+
+def stop_after(work: Path, proc: subprocess.Popen, step: int, what: str) -> int:
+    """SIGTERM the run once it has trained `step` steps; it must exit as a stopped run does (128 + SIGTERM).
+    Returns the last step it trained."""
+    with running(proc):
+        wait_for(lambda: max(effective_steps(work), default=0) >= step, proc, 400, what)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-5000:]
+    return max(effective_steps(work))
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
