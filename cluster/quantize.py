@@ -72,24 +72,11 @@ def weight_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*.safetensors"))
 
 
-def check_group_size(model: torch.nn.Module, spec) -> None:
-    """A group size that does not divide every projection's input is refused up front, naming one that does."""
-    widths = {m.in_features for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and name.startswith("layers.")}
-    if not spec.group_size or not widths or all(w % spec.group_size == 0 for w in widths):
-        return
-    common = math.gcd(*widths)
-    fits = max((2**k for k in range(1, 11) if common % 2**k == 0 and 2**k <= spec.group_size), default=None)
-    hint = f"--group-size {fits} divides them all" if fits else "use --group-size -1 (per channel)"
-    raise ValueError(f"group size {spec.group_size} does not divide the projections' input widths "
-                     f"{sorted(widths)}: {hint}")
-
-
 def quantize(cfg: AthanorConfig, checkpoint: str | None = None) -> dict:
     """Quantize the checkpoint (default: the run's newest) and write the folder; returns what was done (no eval)."""
     from athanor.model.hf_export import export_hf
     from athanor.model.quant_export import save_quantized
-    from athanor.model.quantize import quantize_model
+    from athanor.model.quantize import check_quantizable, quantize_model
 
     q = cfg.quantize
     spec = spec_for(q)
@@ -97,6 +84,7 @@ def quantize(cfg: AthanorConfig, checkpoint: str | None = None) -> dict:
     source = describe(checkpoint or str(layout.checkpoints))
     calibration = calibration_tokens(cfg, source, q.calibration) if spec.needs_calibration else None
     model, mcfg = load_weights(source)
+    check_quantizable(model, spec, q.include_head)  # before any work is written
     if not q.output and layout.remote:
         raise ValueError(f"run.workdir is {layout.root}: set quantize.output to a local folder (a quantized model "
                          "is written and loaded as a local Hugging Face folder)")
@@ -104,7 +92,6 @@ def quantize(cfg: AthanorConfig, checkpoint: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as reference:
         export_hf(model, mcfg, source.tokenizer_path, reference)  # the model unquantized, for the size ratio
         full_precision_bytes = weight_bytes(Path(reference))
-    check_group_size(model, spec)
     layers = quantize_model(model, spec, calibration, include_head=q.include_head)
     metadata = {
         "method": spec.method, "bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,

@@ -21,6 +21,7 @@ blocks before it. Only dense models are supported.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,16 @@ def _check_groups(in_features: int, group_size: int | None, name: str) -> int:
     if in_features % group:
         raise ValueError(f"{name}: group size {group} does not divide its {in_features} input features")
     return group
+
+
+def _check_all_groups(widths: dict[str, int], group_size: int | None) -> None:
+    """Every layer's input width against the group size; the error names a power-of-two group that fits them all."""
+    for name, width in widths.items():
+        if group_size is not None and width % group_size:
+            common = math.gcd(*widths.values())
+            fits = max((2**k for k in range(1, 11) if common % 2**k == 0 and 2**k <= group_size), default=None)
+            hint = f"group size {fits} divides every layer" if fits else "use per-channel scales"
+            raise ValueError(f"{name}: group size {group_size} does not divide its {width} input features ({hint})")
 
 
 def _params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -502,8 +513,9 @@ def _expand(key: str) -> list[str]:
     return [f"{prefix}.{n}" for n in names.split(",")]
 
 
-def check_quantizable(model: nn.Module) -> None:
-    """A plain dense athanor Transformer whose block projections are all nn.Linear, or a ValueError saying why not."""
+def check_quantizable(model: nn.Module, spec: QuantSpec | None = None, include_head: bool = False) -> None:
+    """A plain dense athanor Transformer whose block projections are all nn.Linear (and, given a spec, whose input
+    widths its group size divides), or a ValueError saying why not."""
     from athanor.model.moe import MoE
     from athanor.model.transformer import Transformer
 
@@ -519,6 +531,13 @@ def check_quantizable(model: nn.Module) -> None:
                 if type(getattr(parent, name)) is not nn.Linear:
                     raise ValueError(f"layers.{i}.{prefix}.{name} is a {kind}, not a plain nn.Linear: quantize a "
                                      "plain Transformer (merge LoRA first; a quantized model cannot be re-quantized)")
+    if spec is not None:
+        widths = {f"layers.{i}.{prefix}.{name}": getattr(parent, name).in_features
+                  for i, block in enumerate(model.layers)
+                  for parent, prefix, group in _block_parts(block) for name in group}
+        if include_head:
+            widths["output"] = model.cfg.dim
+        _check_all_groups(widths, spec.group_size)
 
 
 def _check_calibration(calibration: torch.Tensor, model: nn.Module) -> None:
@@ -552,15 +571,9 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calibration: torch.Tensor 
     the other methods use it only to report output errors. Each stats row has the layer's name and either
     `output_error` (relative squared error of its outputs on its calibration inputs) or `weight_error`.
     """
-    check_quantizable(model)
+    check_quantizable(model, spec, include_head)  # every layer's shape first, so no model is left half quantized
     if spec.needs_calibration and calibration is None:
         raise ValueError(f"{spec.method} needs calibration data: token ids [n, seq] (e.g. --calibration <text>)")
-    for i, block in enumerate(model.layers):  # every layer's shape first, so no model is left half quantized
-        for parent, prefix, group in _block_parts(block):
-            for name in group:
-                _check_groups(getattr(parent, name).in_features, spec.group_size, f"layers.{i}.{prefix}.{name}")
-    if include_head:
-        _check_groups(model.cfg.dim, spec.group_size, "output")
     was_training = model.training
     model.eval()
     h = cos = sin = None
