@@ -242,16 +242,16 @@ class PreferenceOptimization(FineTuning):
             values = torch.tensor([s.logprob / (s.n_scored if self._normalize else 1) for s in scores])
             return values.view(-1, 2).double()
 
-        with training_precision(next(model.parameters()).device):  # the reference's and the loop's precision
+        device = next(model.parameters()).device
+        with training_precision(device):  # the loop's precision, in which the stored reference was scored too
             policy = logps(model)
-        if val.reference is not None:
-            ref = torch.from_numpy(val.reference[padded]).double()
-        elif self._reference_model is not None:
-            with training_precision(next(model.parameters()).device):
-                ref = logps(self._reference_model.to(next(model.parameters()).device))
-        else:
-            with adapters_disabled(model), training_precision(next(model.parameters()).device):
-                ref = logps(model)
+            if val.reference is not None:
+                ref = torch.from_numpy(val.reference[padded]).double()
+            elif self._reference_model is not None:
+                ref = logps(self._reference_model.to(device))
+            else:
+                with adapters_disabled(model):
+                    ref = logps(model)
         d = self.cfg.dpo
         losses, chosen, rejected = preference_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta=d.beta,
                                                    loss_type=d.loss_type, label_smoothing=d.label_smoothing)
