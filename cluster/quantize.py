@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +66,11 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+def tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's saved tensors, each once (a tied head shares the embedding's)."""
+    return sum({t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}.values())
+
+
 def weight_bytes(path: Path) -> int:
     """Bytes of the weight files alone (what quantization shrinks; the tokenizer and configs are the same)."""
     return sum(f.stat().st_size for f in Path(path).rglob("*.safetensors"))
@@ -74,7 +78,6 @@ def weight_bytes(path: Path) -> int:
 
 def quantize(cfg: AthanorConfig, checkpoint: str | None = None) -> dict:
     """Quantize the checkpoint (default: the run's newest) and write the folder; returns what was done (no eval)."""
-    from athanor.model.hf_export import export_hf
     from athanor.model.quant_export import save_quantized
     from athanor.model.quantize import check_quantizable, quantize_model
 
@@ -83,15 +86,13 @@ def quantize(cfg: AthanorConfig, checkpoint: str | None = None) -> dict:
     layout = RunLayout.from_workdir(cfg.run.workdir)
     source = describe(checkpoint or str(layout.checkpoints))
     calibration = calibration_tokens(cfg, source, q.calibration) if spec.needs_calibration else None
-    model, mcfg = load_weights(source)
+    model, _ = load_weights(source)
     check_quantizable(model, spec, q.include_head)  # before any work is written
     if not q.output and layout.remote:
         raise ValueError(f"run.workdir is {layout.root}: set quantize.output to a local folder (a quantized model "
                          "is written and loaded as a local Hugging Face folder)")
     out = Path(q.output) if q.output else layout.root / "quantized" / tag_of(spec)
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as reference:
-        export_hf(model, mcfg, source.tokenizer_path, reference)  # the model unquantized, for the size ratio
-        full_precision_bytes = weight_bytes(Path(reference))
+    full_precision_bytes = tensor_bytes(model)  # before quantization: what `athanor export` writes, less headers
     layers = quantize_model(model, spec, calibration, include_head=q.include_head)
     metadata = {
         "method": spec.method, "bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
