@@ -30,11 +30,12 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from baseline_venv import ensure_venv  # bench/, this script's folder
 
 # Pinned installs found to work on CPU (Python 3.11; torch 2.13.0+cpu is the local wheel). torch goes first so the
 # library resolves against the CPU build instead of pulling a CUDA one.
@@ -70,38 +71,16 @@ LIBS: dict[str, dict] = {
     },
 }
 METHODS = ["none"] + [m for lib in LIBS.values() for m in lib["methods"]]
-MARKER = ".athanor-baseline.json"
 BLOCK_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 # ----------------------------------------------------------------------------------------------- venv setup
 def setup_venv(venv: str | Path, lib: str, python: str | None = None, quiet: bool = True) -> Path:
-    """Create (or reuse) a baseline venv for `lib`; returns its python. Reused only if the marker file, written
-    after a fully successful install, names the same pins; a half-built venv (no marker) is rebuilt from scratch."""
+    """Create (or reuse) a baseline venv for `lib` (see baseline_venv.py); returns its python."""
     if lib not in LIBS:
         raise SystemExit(f"unknown lib {lib!r}; one of {sorted(LIBS)}")
     spec = LIBS[lib]
-    want = {"lib": lib, "torch": spec["torch"], "packages": spec["packages"]}
-    venv = Path(venv)
-    py = venv / "bin" / "python"
-    marker = venv / MARKER
-    if marker.is_file() and py.exists():
-        try:
-            if {k: v for k, v in json.loads(marker.read_text()).items() if k in want} == want:
-                return py
-        except ValueError:
-            pass
-    if venv.exists():
-        shutil.rmtree(venv)
-    # `python3 -m venv` ships pip (ensurepip alone fails on this Python 3.11).
-    subprocess.run([python or shutil.which("python3") or sys.executable, "-m", "venv", str(venv)], check=True)
-    q = ["-q"] if quiet else []
-    pip = [str(py), "-m", "pip", "install", *q]
-    subprocess.run([*pip, spec["torch"]], check=True)
-    subprocess.run([*pip, spec["torch"], *spec["packages"]], check=True)
-    freeze = subprocess.run([str(py), "-m", "pip", "freeze"], check=True, capture_output=True, text=True).stdout
-    marker.write_text(json.dumps({**want, "freeze": freeze.splitlines()}, indent=1))
-    return py
+    return ensure_venv(venv, [[spec["torch"]], [spec["torch"], *spec["packages"]]], python=python, quiet=quiet)
 
 
 def lib_of(method: str) -> str | None:
