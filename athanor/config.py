@@ -44,9 +44,27 @@ class DataConfig(_Section):
 
 
 class ExtractConfig(_Section):
-    extractor: Literal["resiliparse", "trafilatura"] = "resiliparse"  # trafilatura: slower, see bench_extract.py
+    # athanor: resiliparse after a boilerplate pass (pipelines/boilerplate.py); resiliparse: its main_content alone;
+    # trafilatura: as DataTrove runs it, slower. Quality and speed of each: bench/bench_extract.py
+    extractor: Literal["athanor", "resiliparse", "trafilatura"] = "athanor"
     main_content: bool = True  # drop navigation, footers and other boilerplate
     min_chars: int = 1  # texts shorter than this after extraction are dropped as `empty_text`
+    # A budget per page (pipelines/budget.py, sandbox.py). Work, checked in linear time before extraction, far above
+    # every real page sampled (data/html/news, data/pydoc: depth 63, 48,862 elements, tags of 8,877 characters,
+    # 144 scripts): deeper nesting `too_deep`, more elements `too_many_nodes`, a longer tag `attribute_too_long`,
+    # more <script>s `too_many_scripts`. A longer text (extracted, or read as text) is `text_too_long`: it bounds the
+    # filters' work, linear in the text (Gopher's repetition signals: seconds per million characters), and is more
+    # than Gopher's 100,000-word limit keeps of real text (6 characters a word with its space: 600,000).
+    max_depth: int = Field(1024, ge=16)
+    max_nodes: int = Field(100_000, ge=1)
+    max_attribute_chars: int = Field(1_000_000, ge=1)
+    max_scripts: int = Field(1000, ge=0)
+    max_text_chars: int = Field(1_000_000, ge=1)
+    # Time: a page whose extraction takes more CPU seconds than this per started MiB (or ten times that in wall
+    # time) is killed with the process extracting it (sandbox.py) and dropped as `extract_timeout`, so output can
+    # depend on the machine's speed for pages near it; the slowest real page sampled takes 0.47 s for its 2.4 MiB,
+    # every other under 0.13 s (DataTrove 0.10.1: 1 s a page, wall time). None: extract in the worker, unbounded.
+    timeout_s: float | None = Field(1.0, gt=0, le=3600)
 
 
 class LangIdConfig(_Section):
@@ -125,6 +143,48 @@ class PiiConfig(_Section):
     public_ips_only: bool = True  # as DataTrove: private, loopback and reserved addresses are not personal
 
 
+class ToxicityConfig(_Section):
+    """C4's bad-words page filter with the LDNOOBW lists (fetched by scripts/fetch_data.py), per document language.
+
+    Off by default: C4 drops every page holding one list word, which over-removes medical, sexual-health and LGBTQ
+    text and dialects such as African-American English (Dodge et al. 2021), and FineWeb leaves it out; the URL block
+    list already removes adult sites. Turn it on where a list match is a fair proxy for what you want gone.
+    """
+
+    enabled: bool = False
+    wordlist_dir: str = "data/toxicity/ldnoobw"  # <lang>.json: a JSON list of words and phrases per language
+    languages: list[str] | None = None  # languages checked (langid's codes); None: every language with a list
+    default_language: str = "en"  # for rows without a `lang`
+    # True: a checked language without a list is an error, raised when the stage is built for langid's languages;
+    # False: such documents pass unchecked (toxic_words null)
+    fail_on_missing_language: bool = True
+    keep_fraction: float = Field(0.0, ge=0.0, le=1.0)  # of the pages with a match, the share kept anyway
+    seed: int = 0  # of the keep draw, a hash of (seed, doc_id): the same pages are kept on every run
+    # words taken out of a language's list: DataTrove's defaults (common ja/zh subwords, each >10% of their pages)
+    allowlist: dict[str, list[str]] = Field(
+        default_factory=lambda: {"ja": ["sm", "\u30b0\u30ed", "\u5973\u306e\u5b50"], "zh": ["\u6027"]})
+
+
+class DecontamConfig(_Section):
+    """Drop training documents sharing a word n-gram with an evaluation task (GPT-3's 13-gram overlap).
+
+    On by default: the lm-eval tasks of configs/lm_eval are built from real books and news, and any of their text in
+    the training data would inflate their scores. The files are the tasks' JSONL docs: `text` (cloze), or `query`
+    and `choices` (multiple choice: the query followed by each choice).
+    """
+
+    enabled: bool = True
+    n: int = Field(13, ge=1)  # words per n-gram, after lowercasing and removing punctuation
+    task_files: list[str] = Field(
+        default_factory=lambda: ["data/eval/athanor_cloze.jsonl", "data/eval/athanor_choice.jsonl"])
+
+    @model_validator(mode="after")
+    def _files(self) -> "DecontamConfig":
+        if self.enabled and not self.task_files:
+            raise ValueError("decontam is enabled but task_files is empty")
+        return self
+
+
 class DedupConfig(_Section):
     exact: bool = True
     minhash: bool = True
@@ -168,6 +228,8 @@ class CurateConfig(_Section):
     fineweb: FineWebConfig = Field(default_factory=FineWebConfig)
     url_filter: UrlFilterConfig = Field(default_factory=UrlFilterConfig)
     pii: PiiConfig = Field(default_factory=PiiConfig)
+    toxicity: ToxicityConfig = Field(default_factory=ToxicityConfig)
+    decontam: DecontamConfig = Field(default_factory=DecontamConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
     write_dropped: bool = True  # keep rejected documents (with their reason) under curated/dropped/ for audit

@@ -1,4 +1,4 @@
-"""The row-wise stages (extract -> url_filter -> langid -> heuristics -> c4 -> fineweb -> pii) fused into one UDF.
+"""The row-wise stages (extract -> url_filter -> langid -> heuristics -> c4 -> toxicity -> fineweb -> pii), fused.
 
 Each of them turns a row into one row, so running them back to back on a batch in one task, fused by Ray Data into
 the reader's own tasks, gives what eight Ray Data stages give without eight materializations and eight shard commits (the
@@ -7,7 +7,9 @@ dropped by the reader or one filter skips the rest, as before; the fused output 
 signal columns of the filters it reached (null after), its `drop_reason`, and no `html` (extraction replaces it).
 Tasks, not an actor pool: actors holding every CPU would starve the read tasks feeding them, and a task fused into
 the read never ships raw HTML between processes. The URL list and lid.176 load once per worker process (Ray reuses
-worker processes), through a process-level cache.
+worker processes), through a process-level cache. Toxicity (off by default) runs after c4 because C4 applied its
+bad-words filter to the line-cleaned page (a list word in a dropped menu line does not drop the page), and it reads
+langid's `lang` to pick the language's list.
 
 Every drop reason belongs to exactly one filter (each module's DROP_REASONS, checked when the chain is built and
 on every batch); the reader owns every other reason. So the per-stage stats follow from the reason counts alone
@@ -24,17 +26,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from athanor.config import CurateConfig
-from athanor.pipelines import c4, extract, fineweb, heuristics, langid, pii, urlfilter
+from athanor.pipelines import c4, extract, fineweb, heuristics, langid, pii, toxicity, urlfilter
 from athanor.pipelines.stats import REASON
 
-ROW_STAGES = ("extract", "url_filter", "langid", "heuristics", "c4", "fineweb", "pii")
+ROW_STAGES = ("extract", "url_filter", "langid", "heuristics", "c4", "toxicity", "fineweb", "pii")
 READ = "read"  # the reader: its rows come in already marked, with reasons of its own (see read.py)
 
 
 def row_stages(c: CurateConfig) -> tuple[str, ...]:
     """The enabled row-wise stages, in pipeline order (extract, langid and heuristics always run)."""
     enabled = {"url_filter": c.url_filter.enabled, "c4": c.c4.enabled, "fineweb": c.fineweb.enabled,
-               "pii": c.pii.enabled}
+               "pii": c.pii.enabled, "toxicity": c.toxicity.enabled}
     return tuple(s for s in ROW_STAGES if enabled.get(s, True))
 
 
@@ -42,7 +44,8 @@ def drop_reasons(stage: str, c: CurateConfig) -> tuple[str, ...]:
     if stage == "heuristics":
         return heuristics.drop_reasons(c.heuristics)
     return {"extract": extract.DROP_REASONS, "url_filter": urlfilter.DROP_REASONS, "langid": langid.DROP_REASONS,
-            "c4": c4.DROP_REASONS, "fineweb": fineweb.DROP_REASONS, "pii": pii.DROP_REASONS}[stage]
+            "c4": c4.DROP_REASONS, "fineweb": fineweb.DROP_REASONS, "pii": pii.DROP_REASONS,
+            "toxicity": toxicity.DROP_REASONS}[stage]
 
 
 def reason_owners(stages: tuple[str, ...], c: CurateConfig) -> dict[str, str]:
@@ -69,6 +72,7 @@ class FilterChain:
             "langid": lambda: langid.LanguageIdentifier(c.langid),
             "heuristics": lambda: partial(heuristics.heuristics_batch, cfg=c.heuristics),
             "c4": lambda: partial(c4.c4_batch, cfg=c.c4),
+            "toxicity": lambda: toxicity.ToxicityFilter(c.toxicity, c.langid.languages),
             "fineweb": lambda: partial(fineweb.fineweb_batch, cfg=c.fineweb),
             "pii": lambda: partial(pii.pii_batch, cfg=c.pii),
         }

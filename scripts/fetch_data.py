@@ -67,6 +67,30 @@ ARCHIVES = {
     ),
 }
 BLOCKLIST_WORDS = ("banned_words.txt", "soft_banned_words.txt", "banned_subwords.txt")
+# LDNOOBW, the per-language word list C4 and DataTrove's C4BadWordsFilter use (pipelines/toxicity.py)
+ARCHIVES["naughty-words"] = dict(
+    fetch=["npm", "pack", "naughty-words@1.2.0", "--silent"],
+    file="naughty-words-1.2.0.tgz",
+    sha256="c34b05e10a97ec7b9e0c3dd91d09888187c0f08d0812eaea79679795585b217e",
+    licence="CC-BY-4.0: List of Dirty, Naughty, Obscene and Otherwise Bad Words (LDNOOBW, Shutterstock)",
+)
+
+# News pages with their reference article texts (newspaper4k's test data), for bench/bench_extract.py
+ARCHIVES["newspaper4k"] = dict(
+    fetch=["pip", "download", "--no-deps", "--no-binary", ":all:", "newspaper4k==0.9.6"],
+    file="newspaper4k-0.9.6.tar.gz",
+    sha256="a3f2f0e017dddb6f1019ee77aaa8980e13e6ecea0b949abc7167aae4770d2d0e",
+    licence="MIT package; its 23 test news pages (CNN, Time, Wired, ...) belong to their publishers",
+)
+
+# Blogs, shops and municipal sites with must/must-not snippets of their main text (trafilatura's tests), for
+# bench/bench_extract.py. GPLv3+: fetched into data/, never committed.
+ARCHIVES["trafilatura"] = dict(
+    fetch=["pip", "download", "--no-deps", "--no-binary", ":all:", "trafilatura==1.1.0"],
+    file="trafilatura-1.1.0.tar.gz",
+    sha256="650678fe3b3219795ccc72d8d37d2a9dc8c3070529598fddc2809ccd27c55bc4",
+    licence="GPLv3+ package (tests/cache pages and tests/realworld_tests.py); the pages belong to their publishers",
+)
 
 
 def _sha256(path: Path) -> str:
@@ -87,7 +111,7 @@ def _download(name: str, cache: Path) -> Path:
             subprocess.run(cmd, check=True)
         else:
             if shutil.which("npm") is None:
-                raise SystemExit("npm is needed to fetch htmlparser-benchmark (apt-get install npm)")
+                raise SystemExit(f"npm is needed to fetch {name} (apt-get install npm)")
             subprocess.run([*cmd, "--pack-destination", str(cache)], check=True, stdout=subprocess.DEVNULL)
     digest = _sha256(target)
     if digest != spec["sha256"]:
@@ -154,9 +178,56 @@ def fetch(dest: Path) -> dict:
             _write(dest / "blocklists" / name, z.read(f"datatrove/assets/{name}"))
     sources["blocklists"] = dict(archive="PyPI datatrove==0.10.1 wheel, datatrove/assets/")
 
+    # Toxicity word lists: LDNOOBW, one JSON list of words and phrases per language code, with its licence.
+    with tarfile.open(_download("naughty-words", cache)) as tar:
+        langs = []
+        for m in tar.getmembers():
+            name = Path(m.name).name
+            if m.isfile() and Path(m.name).parent.name == "package" and name.endswith(".json") and not name.startswith(
+                    ("package", "bower")):
+                _write(dest / "toxicity" / "ldnoobw" / name, tar.extractfile(m).read())
+                langs.append(name.removesuffix(".json"))
+        _write(dest / "toxicity" / "ldnoobw" / "LICENSE", tar.extractfile("package/LICENSE").read())
+    sources["toxicity"] = dict(archive="npm naughty-words@1.2.0", languages=sorted(langs))
+
+    sources["extract/news"] = fetch_extract_news(dest)
+    sources["extract/web"] = fetch_extract_web(dest)
+
     for name, spec in ARCHIVES.items():
         sources.setdefault("_licences", {})[name] = spec["licence"]
     return sources
+
+
+def fetch_extract_news(dest: Path) -> dict:
+    """data/extract/news/{html,txt}/NAME.*: news pages paired with their article text (newspaper4k's tests)."""
+    out = dest / "extract" / "news"
+    if not (out / "txt").is_dir():
+        cache = dest / ".cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(_download("newspaper4k", cache)) as tar:
+            files = {m.name: m for m in tar.getmembers() if m.isfile()}
+            root = "newspaper4k-0.9.6/tests/data/"
+            for name, m in files.items():
+                stem = Path(name).stem
+                if name.startswith(root + "txt/") and f"{root}html/{stem}.html" in files:
+                    _write(out / "html" / f"{stem}.html", tar.extractfile(files[f"{root}html/{stem}.html"]).read())
+                    _write(out / "txt" / f"{stem}.txt", tar.extractfile(m).read())
+    return dict(archive="PyPI newspaper4k==0.9.6 sdist, tests/data/{html,txt}", pages=len(list(out.glob("txt/*"))))
+
+
+def fetch_extract_web(dest: Path) -> dict:
+    """data/extract/web/: trafilatura 1.1.0's tests/cache/*.html and realworld_tests.py (GPLv3+: not committed)."""
+    out = dest / "extract" / "web"
+    if not (out / "realworld_tests.py").exists():
+        cache = dest / ".cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(_download("trafilatura", cache)) as tar:
+            root = "trafilatura-1.1.0/tests/"
+            for m in tar.getmembers():
+                if m.isfile() and (m.name.startswith(root + "cache/") or m.name == root + "realworld_tests.py"):
+                    _write(out / m.name[len(root):], tar.extractfile(m).read())
+    return dict(archive="PyPI trafilatura==1.1.0 sdist, tests/cache + tests/realworld_tests.py",
+                licence=ARCHIVES["trafilatura"]["licence"], pages=len(list(out.glob("cache/*.html"))))
 
 
 def main() -> None:
@@ -165,7 +236,7 @@ def main() -> None:
     args = ap.parse_args()
     dest = Path(args.dest)
     marker = dest / "SOURCES.json"
-    if marker.exists() and "blocklists" in json.loads(marker.read_text()):
+    if marker.exists() and {"blocklists", "toxicity"} <= set(json.loads(marker.read_text())):
         print(f"sample data already in {dest}/ (delete {marker} to fetch again)")
         return
     sources = fetch(dest)

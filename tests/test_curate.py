@@ -61,11 +61,11 @@ def _digests(layout: RunLayout) -> dict[str, str]:
 def test_every_stage_conserves_documents(curated):
     cfg, layout, summary = curated
     ray_stages = [name for name, _ in curation_stages(cfg, layout)]
-    assert ray_stages == [FILTER, "dedup", "quality"]  # the row-wise stages run fused, so do both dedups
+    assert ray_stages == [FILTER, "decontam", "dedup", "quality"]  # the row-wise stages run fused, so do both dedups
     assert [s["stage"] for s in summary["stages"]] == [s for name in ray_stages for s in reported_stages(name, cfg)]
     assert [s["stage"] for s in summary["stages"]][1:8] == ["extract", "url_filter", "langid", "heuristics", "c4",
-                                                           "fineweb", "pii"]
-    assert [s["stage"] for s in summary["stages"]][8:] == ["exact_dedup", "near_dedup", "quality"]
+                                                           "fineweb", "pii"]  # toxicity is off by default
+    assert [s["stage"] for s in summary["stages"]][8:] == ["decontam", "exact_dedup", "near_dedup", "quality"]
     previous_kept = None
     for stats in summary["stages"]:
         assert stats["in"] == stats["kept"] + sum(stats["dropped"].values())
