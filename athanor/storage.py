@@ -6,7 +6,9 @@ absent: locally a hidden temporary name is renamed into place; an object store P
 written after the data they vouch for, on both.
 
 `s3://` goes to `data.s3_endpoint_override` or $AWS_ENDPOINT_URL (the driver exports the former as the latter, and
-Ray forwards it to every task), with credentials from the AWS_* environment variables only, never the SDK's files.
+Ray forwards it to every task), with credentials from the AWS_* variables of the node's own environment, else its
+cloud role. Keys never travel through Ray: a task's runtime_env is part of its spec, shown by the dashboard and the
+state API, so each node holds its own (a Kubernetes Secret, the environment `ray start` ran in, an IAM role).
 `gs://` uses pyarrow's GcsFileSystem and its default credentials. Tools that need a real local file (fastText,
 memory-mapped token shards, a checkpoint to load) read a copy in the node-local cache: $ATHANOR_CACHE_DIR, else
 ~/.cache/athanor, laid out as `<cache>/<scheme>/<bucket>/<key>`.
@@ -25,8 +27,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
-           "AWS_ENDPOINT_URL")
+# Where the store is and how to reach it, never who signs in: the only AWS_* variables the driver passes to Ray tasks.
+AWS_SETTINGS = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_NO_SIGN_REQUEST")
 SCHEMES = ("s3", "gs")
 
 
@@ -109,8 +111,9 @@ def use_endpoint(endpoint: str | None) -> None:
 
 
 def ray_env() -> dict[str, str]:
-    """The AWS_* variables to forward to Ray workers, which may run on nodes where the driver's env is not."""
-    return {k: os.environ[k] for k in AWS_ENV if k in os.environ}
+    """The driver's non-secret S3 settings (endpoint, region) for Ray tasks on other nodes; keys stay out, because
+    a runtime_env is readable by anyone who can see the cluster's dashboard: nodes sign in with their own."""
+    return {k: os.environ[k] for k in AWS_SETTINGS if k in os.environ}
 
 
 def _info(where: Location) -> pafs.FileInfo:

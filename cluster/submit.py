@@ -5,7 +5,10 @@ caches) and runs `python -m athanor.cluster.cli run CONFIG --set ...` on the hea
 the driver joins the cluster. Dependencies come from the nodes' image (infra/docker: CUDA torch, flash-attn and the
 project's pins), because building torch into a per-job virtualenv on every node costs minutes and gigabytes;
 `--pip` adds pyproject's dependencies to the runtime_env for clusters on a bare Ray image. Environment variables
-(credentials, tracking URIs) travel only when named with `--env NAME`, from the submitting shell, never from files.
+(tracking URI, region) travel only when named with `--env NAME`, from the submitting shell, never from files; a
+secret never travels at all (`secret_names`): a job's runtime_env is in its spec, which the dashboard and Ray's
+state API show to whoever reaches the head, so the nodes hold their own credentials (a Kubernetes Secret, the
+environment `ray start` ran in) or act with a cloud role.
 """
 
 from __future__ import annotations
@@ -63,6 +66,33 @@ def client(address: str | None):
         os.environ.update(saved)
 
 
+# A name is a secret's when one of its words (split at anything not a letter or digit) is one of SECRET_WORDS, or it
+# contains one of SECRET_PARTS anywhere: AWS_SECRET_ACCESS_KEY, AWS_ACCESS_KEY_ID, AWS_SESSION_TOKEN, HF_TOKEN,
+# MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_PASSWORD, WANDB_API_KEY, GOOGLE_APPLICATION_CREDENTIALS, DB_PASS. Not:
+# MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME, AWS_REGION, AWS_DEFAULT_REGION, TOKENIZERS_PARALLELISM.
+SECRET_WORDS = {"KEY", "APIKEY", "TOKEN", "PASS", "PWD"}
+SECRET_PARTS = ("SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "PRIVATE")
+NOT_SECRET = {"PWD"}  # the shell's working directory
+
+
+def secret_names(names: list[str]) -> list[str]:
+    """The names among `names` that hold credentials, by their spelling (see SECRET_WORDS)."""
+    def secret(name: str) -> bool:
+        upper = name.upper()
+        words = re.split(r"[^A-Z0-9]+", upper)
+        return upper not in NOT_SECRET and (any(w in SECRET_WORDS for w in words) or
+                                            any(p in upper for p in SECRET_PARTS))
+    return [n for n in names if secret(n)]
+
+
+def check_env_names(env_names: list[str]) -> None:
+    """Refuse to forward secrets: they would sit in the job's spec for anyone who can open the dashboard."""
+    if found := secret_names(env_names):
+        raise SubmitError(f"--env {', '.join(found)}: secrets never travel with a job (its runtime_env is shown by the "
+                          "Ray dashboard and state API); give the cluster's nodes their own: a Kubernetes Secret in "
+                          "the pods' env (infra/kuberay), the environment `ray start` runs in, or a cloud role")
+
+
 def project_dependencies(project: Path) -> list[str]:
     """pyproject's [project] dependencies for a runtime_env pip list, less Ray itself (the cluster's own Ray runs
     the job; Ray's pip plugin layers the rest over it)."""
@@ -75,6 +105,7 @@ def project_dependencies(project: Path) -> list[str]:
 def build_runtime_env(project: Path, env_names: list[str], pip: bool) -> dict:
     """working_dir without data or outputs; named environment variables only (and the stop grace period, unless
     named); pip deps on request."""
+    check_env_names(env_names)
     missing = [n for n in env_names if n not in os.environ]
     if missing:
         raise SubmitError(f"--env {', '.join(missing)}: not set in this shell, so there is nothing to forward")
@@ -110,6 +141,7 @@ def submit(config: str, overrides: list[str], address: str | None, env_names: li
            force: bool = False, pip: bool = False, working_dir: str | None = None,
            submission_id: str | None = None) -> str:
     """Validate the config here (fail before anything is uploaded), then submit; returns the job id."""
+    check_env_names(env_names)
     cfg = load_config(config, overrides)
     workdir = cfg.run.workdir
     if "://" not in workdir and not Path(workdir).expanduser().is_absolute():
@@ -193,7 +225,8 @@ def add_parsers(sub) -> None:
                    help="config override passed through to the job (repeatable)")
     p.add_argument("--address", **addr)
     p.add_argument("--env", dest="env_names", action="append", default=[], metavar="NAME",
-                   help="forward this environment variable from this shell to the job (repeatable)")
+                   help="forward this environment variable from this shell to the job (repeatable; not secrets: the "
+                        "nodes hold their own credentials)")
     p.add_argument("--stage", choices=STAGES, default="run", help="which athanor command the job runs")
     p.add_argument("--force", action="store_true", help="passed through: re-run stages that are up to date")
     p.add_argument("--pip", action="store_true",

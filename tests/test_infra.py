@@ -232,7 +232,7 @@ def test_training_size_matches_autoscaler(cloud):
     assert cfg.run.workdir.startswith({"aws": "s3://", "gcp": "gs://"}[cloud])
     # Reference files are read by absolute path from the image (a job's working_dir carries no data/).
     for path in [cfg.curate.langid.model_path, cfg.curate.url_filter.blocklist_dir, *cfg.curate.quality.high,
-                 *cfg.curate.quality.low]:
+                 *cfg.curate.quality.low, *cfg.curate.decontam.task_files, cfg.curate.toxicity.wordlist_dir]:
         assert path.startswith("/opt/athanor/data/"), path
 
 
@@ -316,6 +316,32 @@ def test_rayjob_runs_athanor_on_the_cluster_with_shared_outputs():
     per_pod = int(gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     assert cfg.train.num_workers == gpu["maxReplicas"] * per_pod
     assert cfg.train.min_workers % per_pod == 0
+
+
+def test_nodes_hold_their_own_credentials_and_jobs_carry_none():
+    """Every Ray pod gets the MLflow client's secrets from a Secret and S3 from its role (or the optional athanor-s3
+    Secret); every `ray up` node from its cloud's secret store, read with its role into the container's env-file.
+    The RayJob forwards nothing: a job's runtime_env is in its spec, which the dashboard shows."""
+    from athanor.cluster.submit import secret_names
+
+    rc = _raycluster()["spec"]
+    templates = [rc["headGroupSpec"]["template"]] + [g["template"] for g in rc["workerGroupSpecs"]]
+    for template in templates:
+        assert template["spec"]["serviceAccountName"] == "athanor-ray"  # the cloud role (IRSA / Workload Identity)
+        for c in template["spec"]["containers"]:
+            env = {e["name"]: e for e in c["env"]}
+            for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "athanor-mlflow-client", name
+            assert {"secretRef": {"name": "athanor-s3", "optional": True}} in c["envFrom"]
+            assert not [n for n in secret_names(list(env)) if "value" in env[n]]
+    job = _yaml_docs(RAYJOB)[0]["spec"]
+    assert "runtimeEnvYAML" not in job and not secret_names(re.findall(r"[A-Z][A-Z0-9_]+", job["entrypoint"]))
+    for cloud, path in LAUNCHERS.items():
+        cfg = yaml.safe_load(path.read_text())
+        env_file = next(o.split()[1] for o in cfg["docker"]["run_options"] if o.startswith("--env-file "))
+        fetch = next(c for c in cfg["initialization_commands"] if env_file in c)
+        assert fetch.startswith("umask 077;") and "MLFLOW_TRACKING_PASSWORD=" in fetch, cloud
+        assert {"aws": "aws ssm get-parameter", "gcp": "gcloud secrets versions access"}[cloud] in fetch
 
 
 # ---------------------------------------------------------------- MLflow server

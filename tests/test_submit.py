@@ -3,8 +3,9 @@
 The head is `ray start --head` with its dashboard/job server on 127.0.0.1 and Ray's token auth on
 (tests/ray_head.py). The job ships the project without data or outputs, reads its inputs from absolute paths (a
 shared filesystem, as on one machine), logs to a real `mlflow server` on loopback and writes every output to an
-S3-compatible server on loopback (moto's). The head starts without any AWS_* variable: the credentials reach the
-job only because `athanor submit --env NAME` forwards them.
+S3-compatible server on loopback (moto's). The S3 keys live in the head's environment, as a node's would (a
+Kubernetes Secret, the environment `ray start` runs in), and nowhere in the job: the test then searches the job's
+record and every task and actor spec Ray keeps for them, and `--env` refuses to forward a secret.
 """
 
 from __future__ import annotations
@@ -66,18 +67,23 @@ BUCKET = "athanor-runs"
 
 @pytest.fixture(scope="module")
 def s3_endpoint(s3_endpoint):
-    """The shared moto server (conftest), with this module's bucket."""
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
-    return s3_endpoint
+    """The shared moto server (conftest), with this module's bucket and keys of its own, distinct enough to search
+    for (moto takes any)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", f"AKIATEST{secrets.token_hex(6).upper()}")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", secrets.token_urlsafe(30))
+        boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
+        yield s3_endpoint
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """The head runs with Ray's token auth, as a cluster should; the CLI (and this test) hold the token."""
+def head(tmp_path_factory, s3_endpoint):
+    """The head runs with Ray's token auth, as a cluster should; the CLI (and this test) hold the token. It holds
+    the S3 keys in its own environment, as a pod does from a Secret; the endpoint comes from the job's config."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_MODE", "token")
         mp.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "AWS_ENDPOINT_URL"}
         env["ATHANOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("node-cache"))  # the node-local copies of s3 files
         with ray_head(num_cpus=2, env=env) as h:
             yield h
@@ -90,7 +96,9 @@ def _data_overrides(data_dir: Path) -> list[str]:
     return [f"data.html_dirs=[{data_dir / 'html' / 'news'}]", f"data.warc_files=[{data_dir / 'warc' / 'iana.warc.gz'}]",
             f"curate.langid.model_path={data_dir / 'models' / 'lid.176.ftz'}",
             f"curate.url_filter.blocklist_dir={data_dir / 'blocklists'}",
-            f"curate.quality.high=[{high}]", f"curate.quality.low=[{q / 'low' / 'sms.txt'}]"]
+            f"curate.quality.high=[{high}]", f"curate.quality.low=[{q / 'low' / 'sms.txt'}]",
+            f"curate.decontam.task_files=[{data_dir / 'eval' / 'athanor_cloze.jsonl'},"
+            f"{data_dir / 'eval' / 'athanor_choice.jsonl'}]"]
 
 
 def _athanor(*args, timeout=900, env=None):
@@ -110,8 +118,8 @@ def test_submit_smoke_pipeline_to_a_ray_head(head, mlflow_url, s3_endpoint, data
                  "train.checkpoint_every=10", *_data_overrides(data_dir)]
     sets = [a for o in overrides for a in ("--set", o)]
     t0 = time.monotonic()
-    forward = [a for n in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION") for a in ("--env", n)]
-    proc = _athanor("submit", "configs/smoke.yaml", *sets, *forward, "--address", head.dashboard_url, timeout=300)
+    proc = _athanor("submit", "configs/smoke.yaml", *sets, "--env", "AWS_DEFAULT_REGION", "--address",
+                    head.dashboard_url, timeout=300)  # a setting may travel; the keys are the head's own
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job_id = re.search(r"submitted job (\S+)", proc.stdout).group(1)
     assert f"athanor jobs logs {job_id} --follow --address {head.dashboard_url}" in proc.stdout
@@ -158,6 +166,34 @@ def test_submit_smoke_pipeline_to_a_ray_head(head, mlflow_url, s3_endpoint, data
     assert info["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")
     assert info["metadata"]["athanor.run_name"] == "submitted-smoke"
     assert info["entrypoint"].startswith("python -m athanor.cluster.cli run configs/smoke.yaml --set")
+    assert info["runtime_env"]["env_vars"] == {"RAY_JOB_STOP_WAIT_TIME_S": "300",
+                                               "AWS_DEFAULT_REGION": os.environ["AWS_DEFAULT_REGION"]}
+    _assert_no_keys_in_specs(head, job_id, logs)
+
+
+def _assert_no_keys_in_specs(head, job_id: str, logs: str) -> None:
+    """The S3 keys the job used appear in no spec Ray keeps: the job's record (runtime_env, entrypoint, metadata)
+    from the Jobs API, the jobs list, and every task and actor in detail from the state API (the dashboard's data),
+    runtime_env included; nor in the driver's log."""
+    from dataclasses import asdict
+
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors, list_jobs, list_tasks
+
+    def dump(rows) -> str:
+        return json.dumps([asdict(r) if hasattr(r, "__dataclass_fields__") else r for r in rows], default=str)
+
+    state = {"address": head.dashboard_url, "detail": True, "limit": 10_000, "raise_on_missing_output": False}
+    tasks, actors = dump(list_tasks(**state)), dump(list_actors(**state))
+    specs = {"job info": dump([JobSubmissionClient(head.dashboard_url).get_job_info(job_id)]),
+             "jobs": dump(list_jobs(**state)), "tasks": tasks, "actors": actors, "driver log": logs}
+    assert len(json.loads(tasks)) > 10 and len(json.loads(actors)) > 3, (tasks[:2000], actors[:2000])
+    # The search sees what a task's runtime_env carries: the endpoint the driver passes to every task is there.
+    assert '"AWS_ENDPOINT_URL' in tasks or "AWS_ENDPOINT_URL" in actors, tasks[:3000]
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"):
+        value = os.environ[name]
+        leaked = [where for where, text in specs.items() if value in text]
+        assert not leaked, f"{name}'s value is in the {', '.join(leaked)}"
 
 
 @pytest.mark.slow
@@ -181,6 +217,13 @@ def test_jobs_errors_are_one_line_and_exit_2(head, tmp_path):
     proc = _athanor("submit", "configs/smoke.yaml", "--set", f"run.workdir={tmp_path}", "--env", "ATHANOR_UNSET_VAR",
                     "--address", head.dashboard_url, timeout=120)
     assert proc.returncode == 2 and "--env ATHANOR_UNSET_VAR: not set" in proc.stderr
+    named = ("AWS_DEFAULT_REGION", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD")
+    proc = _athanor("submit", "configs/smoke.yaml", "--set", f"run.workdir={tmp_path}",
+                    *[a for n in named for a in ("--env", n)], "--address", head.dashboard_url, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "athanor: error: --env AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD: secrets never travel with a job")
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in proc.stdout + proc.stderr
 
 
 def test_working_dir_leaves_out_data_outputs_and_caches():
@@ -204,9 +247,9 @@ def test_runtime_env_carries_only_named_variables_and_pip_without_ray(monkeypatc
     from athanor.cluster.submit import build_runtime_env
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-forwarded-unless-named")
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "named")
-    env = build_runtime_env(ROOT, ["MLFLOW_TRACKING_PASSWORD"], pip=False)
-    assert env["env_vars"] == {"MLFLOW_TRACKING_PASSWORD": "named", "RAY_JOB_STOP_WAIT_TIME_S": "300"}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    env = build_runtime_env(ROOT, ["MLFLOW_TRACKING_URI"], pip=False)
+    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "RAY_JOB_STOP_WAIT_TIME_S": "300"}
     assert "pip" not in env and "not-forwarded-unless-named" not in json.dumps(env)
     assert build_runtime_env(ROOT, [], pip=False)["env_vars"] == {"RAY_JOB_STOP_WAIT_TIME_S": "300"}
     monkeypatch.setenv("RAY_JOB_STOP_WAIT_TIME_S", "30")  # a grace period of the user's own, when named
@@ -214,3 +257,33 @@ def test_runtime_env_carries_only_named_variables_and_pip_without_ray(monkeypatc
         "RAY_JOB_STOP_WAIT_TIME_S": "30"}
     pip = build_runtime_env(ROOT, [], pip=True)["pip"]
     assert "mlflow==3.17.2" in pip and not [d for d in pip if d.startswith("ray")]
+
+
+def test_env_refuses_secret_names(monkeypatch):
+    """Names that hold credentials never reach a runtime_env, set or not; settings do."""
+    from athanor.cluster.submit import SubmitError, build_runtime_env, secret_names
+
+    secret = ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
+              "MLFLOW_TRACKING_TOKEN", "HF_TOKEN", "WANDB_API_KEY", "OPENAI_APIKEY", "GOOGLE_APPLICATION_CREDENTIALS",
+              "DB_PASS", "DB_PWD", "RAY_AUTH_TOKEN", "SSH_PRIVATE_KEY_PATH", "my_client_secret"]
+    settings = ["MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_EXPERIMENT_NAME", "AWS_REGION",
+                "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "TOKENIZERS_PARALLELISM", "RAY_JOB_STOP_WAIT_TIME_S",
+                "RAY_AUTH_MODE", "PWD", "KEYBOARD_LAYOUT"]
+    assert secret_names(secret + settings) == secret
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    with pytest.raises(SubmitError, match=r"^--env AWS_SECRET_ACCESS_KEY: secrets never travel .* cloud role$"):
+        build_runtime_env(ROOT, ["AWS_REGION", "AWS_SECRET_ACCESS_KEY"], pip=False)
+    assert build_runtime_env(ROOT, ["AWS_REGION"], pip=False)["env_vars"]["AWS_REGION"] == "us-east-1"
+
+
+def test_ray_tasks_get_s3_settings_but_never_keys(monkeypatch):
+    """What init_ray hands every task's runtime_env: endpoint and region, no key (the nodes hold their own)."""
+    from athanor import storage
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_SESSION_TOKEN": "t",
+                        "AWS_REGION": "eu-west-1", "AWS_ENDPOINT_URL": "http://minio:9000"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.delenv("AWS_NO_SIGN_REQUEST", raising=False)
+    assert storage.ray_env() == {"AWS_REGION": "eu-west-1", "AWS_ENDPOINT_URL": "http://minio:9000"}
