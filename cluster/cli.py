@@ -13,6 +13,8 @@
     athanor export --checkpoint PATH --format hf --out DIR  a LlamaForCausalLM folder for transformers
     athanor submit CONFIG --address http://HEAD:8265        the same run as a Ray job on a cluster
     athanor jobs status|logs|stop|list [JOB_ID]             follow and control submitted jobs
+
+Every command takes -v/--verbose: Ray's and MLflow's INFO lines, hidden by default (see athanor/console.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import os
 import sys
 
+from athanor import console
 from athanor.config import ConfigError, load_config
 
 from .stop import TrainingStopped
@@ -110,7 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     from .submit import add_parsers
 
     add_parsers(sub)
+    _add_verbose(ap)
     return ap
+
+
+def _add_verbose(parser: argparse.ArgumentParser, seen: set | None = None) -> None:
+    """-v/--verbose on the parser and every subcommand's, before or after the subcommand (`athanor -v run C`,
+    `athanor run C -v`); a subcommand's leaves the top level's value alone unless given."""
+    seen = set() if seen is None else seen
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS if seen else False,
+                        help="also show Ray's and MLflow's INFO lines (Ray Data's execution plans, Ray Train's "
+                             "worker groups and checkpoints, autoscaler events)")
+    seen.add(id(parser))
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if id(child) not in seen:
+                    _add_verbose(child, seen)
 
 
 def _loss_endpoints(report) -> tuple[float, float] | None:
@@ -184,7 +203,9 @@ def _generate_file(args: argparse.Namespace) -> int:
     if not args.output:
         raise UserError("--input needs --output (the JSONL file the completions go to)")
     if not ray.is_initialized():
-        ray.init(address=None if "RAY_ADDRESS" in os.environ else "local", include_dashboard=False)
+        ray.init(address=None if "RAY_ADDRESS" in os.environ else "local", include_dashboard=False,
+                 logging_level=console.ray_logging_level())
+        console.quiet_ray_data()
     try:
         counts = generate_file(args.checkpoint, args.input, args.output, _generation_settings(args),
                                actors=args.actors, batch_rows=args.batch_size)
@@ -338,8 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["lm-eval"]:  # every later argument is lm_eval's, --help included
         from .lm_eval_adapter import main as lm_eval_main
 
+        console.configure()
+
         return lm_eval_main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
+    console.configure(args.verbose)  # before Ray or MLflow is imported
     try:
         return _dispatch(args)
     except (ConfigError, UserError, FileNotFoundError) as err:

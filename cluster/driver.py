@@ -16,6 +16,7 @@ from pathlib import Path
 
 from athanor import storage
 from athanor.config import AthanorConfig, ConfigError
+from athanor.console import heartbeat, quiet_ray_data, ray_logging_level
 from athanor.layout import RunLayout
 from athanor.storage import Location
 
@@ -41,7 +42,8 @@ def init_ray(cfg: AthanorConfig) -> None:
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Every task and actor (commits, encoders, training workers) reaches a URI workdir with the driver's endpoint
-    # and credentials, on whichever node it runs.
+    # and region, on whichever node it runs; credentials come from each node's own environment or cloud role, never
+    # from the driver (a runtime_env is in every task's spec, which the dashboard shows).
     env = storage.ray_env() if storage.is_uri(cfg.run.workdir) else {}
     env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.train.health_check_interval_s)  # read by the Train controller
     # Inside a Ray job (athanor submit --env ...) the job's runtime_env may carry them already, and Ray refuses to
@@ -51,14 +53,17 @@ def init_ray(cfg: AthanorConfig) -> None:
     runtime_env = {"env_vars": env} if env else {}
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env, logging_level=ray_logging_level())
     else:
         runtime_env["worker_process_setup_hook"] = "athanor.cluster.driver.quiet_placement_group_cleaner"
         ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env=runtime_env)
+                 runtime_env=runtime_env, logging_level=ray_logging_level())
     from ray.data import DataContext
 
-    DataContext.get_current().enable_progress_bars = False
+    # Ray Data's own bars on a terminal; elsewhere it logs progress at INFO, which quiet_ray_data hides unless
+    # --verbose, and athanor prints its own plain lines (athanor/console.py).
+    DataContext.get_current().enable_progress_bars = True
+    quiet_ray_data()
 
 
 def start_beside_driver(cls, *args):
@@ -175,7 +180,8 @@ class Driver:
 
         if not self._skip("tokenize"):
             t0 = time.perf_counter()
-            train_tokenizer(self.cfg, self.layout)
+            with heartbeat("tokenizer"):  # SentencePiece on a large sample trains for minutes, silently
+                train_tokenizer(self.cfg, self.layout)
             pack_shards(self.cfg, self.layout)
             self.report.stages["tokenize"] = time.perf_counter() - t0
             _mark_done(self.cfg, self.layout, "tokenize", self.report.stages["tokenize"])

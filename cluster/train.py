@@ -201,6 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import mlflow
     import ray.train
     import ray.train.torch
+    from athanor.cluster.console import StepConsole, post, quiet_worker_logs
     from athanor.cluster.loader import GlobalBatchLoader
     from athanor.cluster.stop import StopWatch
     from athanor.model.flops import flops_per_token
@@ -249,6 +250,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logging_rank = rank == 0 and config.get("mlflow_run_id")
     metrics_logger = config.get("metrics_logger") if logging_rank else None
     stop_watch = StopWatch(config.get("stop_request") if rank == 0 else None)
+    if not config.get("verbose"):
+        quiet_worker_logs()
+    relay = config.get("console")
+    peak_flops = world * t.peak_tflops * 1e12 if device.type == "cuda" else None  # MFU on GPUs only
+    console = StepConsole(objective.name, t.max_steps, t.log_every, tokens_per_step, flops_per_step, peak_flops,
+                          started) if rank == 0 else None
     if logging_rank:
         mlflow.set_tracking_uri(config["mlflow_uri"])
         mlflow.start_run(run_id=config["mlflow_run_id"], log_system_metrics=t.system_metrics)
@@ -301,12 +308,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _append_jsonl(samples_log, {"step": step, "world_size": world, "loss": step_loss, "lr": lr,
                                             "sample_ids": ids, "time": time.time(),
                                             **({"started": started, **recovery} if recovery else {})})
-        if eval_sets and (step % t.eval_every == 0 or step == t.max_steps) and not stopping:
+        evaluating = bool(eval_sets) and (step % t.eval_every == 0 or step == t.max_steps) and not stopping
+        if evaluating:
             for eval_set in eval_sets:
                 metrics.update(_eval_metrics(model, eval_set, dp_rank, dp, t))
             metrics.update(objective.extra_eval(model, dp_rank, dp, t))
         if metrics_logger and (step % t.log_every == 0 or step == t.max_steps or stopping):
             metrics_logger.log.remote({k: v for k, v in metrics.items() if k != "step"}, step, int(time.time() * 1000))
+        if console is not None:
+            last = step == t.max_steps or stopping
+            if recovery:
+                post(relay, console.start_line(step, world, recovery))
+            line = console.step(step, dt, metrics, force=evaluating or last)
+            if line:
+                post(relay, line, wait=last)  # the last line is printed before training returns
 
         if step % t.checkpoint_every == 0 or step == t.max_steps or stopping:
             if metrics_logger:  # what the checkpoint covers is in MLflow first (see StepMetricsLogger)
@@ -388,12 +403,14 @@ def run_training(cfg: AthanorConfig, layout: RunLayout, mlflow_run_id: str | Non
                  objective: str = "pretrain"):
     """Build and fit the TorchTrainer; returns Ray Train's Result (its checkpoint is the latest one) and the name of
     the signal that stopped training early, or None when it ran to max_steps (see athanor.cluster.stop)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from athanor import storage
+    from athanor.cluster.console import printed, start_console_relay
     from athanor.cluster.stop import start_stop_request, stop_on_signals
     from athanor.cluster.tracking import start_step_metrics_logger
+    from athanor.console import ray_train_log_level, verbose
 
     t = cfg.train
     # Ray Train runs the workers in a folder of its own: relative input paths are the driver's, resolved here.
@@ -410,11 +427,13 @@ def run_training(cfg: AthanorConfig, layout: RunLayout, mlflow_run_id: str | Non
     storage_path, storage_filesystem = storage.ray_storage(layout.checkpoints)  # s3:// and gs:// too
     metrics_logger = start_step_metrics_logger(mlflow_uri, mlflow_run_id) if mlflow_run_id else None
     stop_request = start_stop_request()
+    relay = start_console_relay()  # rank 0's step lines, printed here (see cluster/console.py)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "workdir": str(layout.root), "objective": objective,
                            "mlflow_run_id": mlflow_run_id, "mlflow_uri": mlflow_uri,
-                           "metrics_logger": metrics_logger, "stop_request": stop_request},
+                           "metrics_logger": metrics_logger, "stop_request": stop_request, "console": relay,
+                           "verbose": verbose()},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=(t.min_workers, t.num_workers) if t.min_workers else t.num_workers,
                                      use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker},
@@ -426,9 +445,10 @@ def run_training(cfg: AthanorConfig, layout: RunLayout, mlflow_run_id: str | Non
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(t.cpus_per_worker)}},
+            logging_config=LoggingConfig(log_level=ray_train_log_level()),  # Ray Train's INFO lines: --verbose
         ),
     )
-    with stop_on_signals(stop_request) as received:
+    with stop_on_signals(stop_request) as received, printed(relay):
         result = trainer.fit()
     stopped_early = received and (result.metrics or {}).get("step", t.max_steps) < t.max_steps
     return result, received[0] if stopped_early else None

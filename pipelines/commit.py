@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -136,9 +137,11 @@ def only_unfinished(ds: ray.data.Dataset, shards: int, finished: dict[int, dict]
 
 
 def commit_shards(marked: ray.data.Dataset | None, stage: str, key: str, shards: int, finished: dict[int, dict],
-                  out_dir: Location, dropped_dir: Location | None) -> None:
+                  out_dir: Location, dropped_dir: Location | None,
+                  progress: Callable[[int], None] | None = None) -> None:
     """Commit every unfinished range: `marked` (rows of those ranges only, or None for none) grouped by range, each
-    group written and marked as in the module doc; ranges without rows get a marker too, so `finished` can be whole."""
+    group written and marked as in the module doc; ranges without rows get a marker too, so `finished` can be whole.
+    `progress` is called with the number of ranges written so far as each one lands."""
     written: set[int] = set()
     if marked is not None and marked.count():
         groups = (
@@ -148,7 +151,10 @@ def commit_shards(marked: ray.data.Dataset | None, stage: str, key: str, shards:
                         fn_kwargs={"stage": stage, "key": key, "shards": shards, "out_dir": str(out_dir),
                                    "dropped_dir": None if dropped_dir is None else str(dropped_dir)})
         )
-        written = {row["shard"] for row in groups.take_all()}
+        for row in groups.iter_rows():
+            written.add(row["shard"])
+            if progress is not None:
+                progress(len(written))
     for shard in sorted(set(range(shards)) - written - set(finished)):
         _mark_shard(out_dir, key, shard, shards, 0, Counter())
 

@@ -1,8 +1,9 @@
-"""The curation DAG: filter -> dedup (exact, then near) -> quality, then curated/final.
+"""The curation DAG: filter -> decontam -> dedup (exact, then near) -> quality, then curated/final.
 
-`filter` is the reader and the row-wise stages extract -> url_filter -> langid -> heuristics -> c4 -> fineweb ->
-pii fused into one Ray Data map (see filters.py); each of them still gets its own stats/<stage>.json and funnel
-row. Each Ray stage marks rows (see stats.py); the driver then counts reasons and commits the stage (see
+`filter` is the reader and the row-wise stages extract -> url_filter -> langid -> heuristics -> c4 -> toxicity ->
+fineweb -> pii fused into one Ray Data map (see filters.py); each of them still gets its own stats/<stage>.json and
+funnel row. `decontam` drops documents sharing a 13-gram with the evaluation tasks (see decontam.py).
+Each Ray stage marks rows (see stats.py); the driver then counts reasons and commits the stage (see
 commit.py): its kept rows to curated/<stage>/, its dropped rows (with `drop_reason`, and `stage` naming the Ray
 stage) to curated/dropped/<stage>/, both as doc_id-range shards sorted by doc_id, then its stats JSONs and a
 completion marker, and hands the kept rows on. The last stage's committed shards are copied into curated/final/.
@@ -26,9 +27,11 @@ from ray.data.context import ShuffleStrategy
 
 from athanor import storage
 from athanor.config import AthanorConfig
+from athanor.console import Progress, heartbeat, say, stage_line
 from athanor.layout import RunLayout
 from athanor.pipelines.commit import (clear_stale, commit_shards, commit_stage, committed_files, finished_shards,
                                       num_shards, only_unfinished, shard_counts, stage_marker)
+from athanor.pipelines.decontam import decontaminate, task_files_digest
 from athanor.pipelines.dedup import mark_exact_duplicates
 from athanor.pipelines.filters import READ, filter_batch, reason_owners, row_stages
 from athanor.pipelines.minhash import mark_near_duplicates_stage
@@ -41,9 +44,10 @@ from athanor.pipelines.stats import REASON, kept_rows, reason_counts, stage_stat
 Stage = Callable[[ray.data.Dataset | None], ray.data.Dataset]
 FINAL = "final"
 FILTER = "filter"
+DECONTAM = "decontam"
 DEDUP, EXACT_DEDUP, NEAR_DEDUP = "dedup", "exact_dedup", "near_dedup"
 # Stages that turn each row into one row with the same doc_id: resumed, they read only their unfinished ranges.
-PER_DOCUMENT_STAGES = frozenset({"quality"})
+PER_DOCUMENT_STAGES = frozenset({DECONTAM, "quality"})
 
 
 def one_actor() -> ray.data.ActorPoolStrategy:
@@ -111,9 +115,15 @@ def curation_stages(cfg: AthanorConfig, layout: RunLayout) -> list[tuple[str, St
     `text`), then FineWeb's rules, which read the cleaned lines (all fused into `filter`). PII masking runs last
     before dedup: pages that differ only in an address dedup as one, and nothing downstream (dedup, quality model,
     tokenizer) sees an address. (FineWeb checks URLs before extracting; here extraction comes first, and blocked
-    pages cost one extraction each.)"""
+    pages cost one extraction each.)
+
+    Decontamination runs before dedup: every copy of an evaluation text is counted as `contaminated` (not as a
+    duplicate of one), and near-dedup then picks its survivors among clean documents only; after dedup, a cluster
+    whose chosen survivor held the evaluation passage would lose its clean near-copies with it."""
     c = cfg.curate
     stages: list[tuple[str, Stage]] = [(FILTER, filter_stage(cfg))]
+    if c.decontam.enabled:
+        stages.append((DECONTAM, lambda ds: decontaminate(ds, c.decontam)))
     if c.dedup.exact or c.dedup.minhash:
         stages.append((DEDUP, dedup_stage(cfg, layout)))
     if c.quality.enabled:
@@ -162,11 +172,14 @@ def _stats(name: str, counts: Counter, cfg: AthanorConfig) -> list[dict]:
 
 def _run_key(cfg: AthanorConfig, layout: RunLayout) -> str:
     """What every stage's output depends on: the data and curate config, the input files (names and sizes: a new
-    or grown input must not reuse committed stages) and, when scoring, the quality model."""
+    or grown input must not reuse committed stages), when decontaminating, the task files' bytes, and, when scoring,
+    the quality model."""
     d = cfg.data
     inputs = [*list_html_files(d), *(f for field in ("warc_files", "jsonl_files", "parquet_files", "text_files")
                                      for f in list_files(getattr(d, field), d, field))]
     digest = hashlib.sha256(f"{cfg.section_hash('data', 'curate')} {inputs}".encode())
+    if cfg.curate.decontam.enabled:
+        digest.update(task_files_digest(cfg.curate.decontam))
     if cfg.curate.quality.enabled:
         digest.update(local_model(model_path(layout)).read_bytes())
     return digest.hexdigest()[:16]
@@ -200,7 +213,8 @@ def _commit(marked: ray.data.Dataset | None, name: str, key: str, upstream: str,
             finished: dict[int, dict], stats: list[dict], layout: RunLayout, write_dropped: bool) -> None:
     """Unfinished ranges first, then the stats JSONs, then the completion marker: a marker implies all the rest."""
     dropped_dir = layout.dropped / name if write_dropped else None
-    commit_shards(marked, name, key, shards, finished, layout.curated(name), dropped_dir)
+    progress = Progress(name, shards - len(finished), what="shards committed", rate=False)
+    commit_shards(marked, name, key, shards, finished, layout.curated(name), dropped_dir, progress.update)
     for s in stats:
         write_json(layout.stats(s["stage"]), s)
     commit_stage(layout.curated(name), key, upstream, shards, stats)
@@ -267,11 +281,13 @@ def _curate(cfg: AthanorConfig, layout: RunLayout, stages: list[tuple[str, Stage
                     for commit in commits:
                         commit.result()
                     ds = _committed(cfg, layout, previous)
-                ds, stats, commit = run_stage(name, stage, ds, docs_in, key, upstream, cfg, layout, writer)
+                with heartbeat(name, "" if docs_in is None else f", {docs_in:,} docs in"):
+                    ds, stats, commit = run_stage(name, stage, ds, docs_in, key, upstream, cfg, layout, writer)
                 commits.append(commit)
             per_stage += stats
             docs_in, previous, upstream = stats[-1]["kept"], name, key
             seconds[name] = round(time.perf_counter() - start, 3)
+            say(stage_line(name, stats[0]["in"], docs_in, None if done is not None else seconds[name]))
 
         start = time.perf_counter()
         for commit in commits:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterator
 from itertools import chain
@@ -31,6 +32,7 @@ import xxhash
 
 from athanor import storage
 from athanor.config import AthanorConfig
+from athanor.console import Progress, say, stage_line
 from athanor.layout import RunLayout
 from athanor.pipelines.shards import MANIFEST_FORMAT, SPLITS, fingerprint, token_dtype, write_shard
 from athanor.pipelines.tokenizer import Tokenizer
@@ -241,6 +243,7 @@ def _write_json_atomic(path: Location, payload: dict) -> None:
 def pack_shards(cfg: AthanorConfig, layout: RunLayout) -> dict:
     """Tokenize `curated/final` into train/val Arrow shards and write the manifest; returns the manifest."""
     tc = cfg.tokenize
+    t0 = time.perf_counter()
     tokenizer = Tokenizer(layout.tokenizer_model)
     files = storage.glob(layout.curated("final"), "*.parquet")
     if not files:
@@ -253,7 +256,9 @@ def pack_shards(cfg: AthanorConfig, layout: RunLayout) -> dict:
     packers = {s: _Packer(layout.root, s, tc.seq_len + 1, tc.shard_sequences, dtype, bos, eos) for s in SPLITS}
     seen, dropped = 0, Counter()
     previous: tuple[str, str] | None = None
+    progress = Progress("tokenize", sum(pq.read_metadata(storage.open_input(f)).num_rows for f in files))
     for batch in ordered.iter_batches(batch_format="pyarrow", batch_size=None):
+        progress.update(seen)
         doc_ids = batch.column("doc_id").to_pylist()
         hashes = batch.column("text_hash").to_pylist()
         splits = batch.column("split").to_pylist()
@@ -290,6 +295,7 @@ def pack_shards(cfg: AthanorConfig, layout: RunLayout) -> dict:
         "fingerprint": fingerprint([s["sha256"] for split in SPLITS for s in splits[split]["shards"]]),
     }
     _write_json_atomic(layout.manifest, manifest)
+    say(stage_line("tokenize", seen, kept, time.perf_counter() - t0))
     log.info(
         "packed %d documents into %d train / %d val sequences of %d tokens (%s dropped)",
         kept, splits["train"]["sequences"], splits["val"]["sequences"], tc.seq_len + 1, dict(dropped),

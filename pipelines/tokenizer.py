@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import xxhash
 
 from athanor import storage
 from athanor.config import AthanorConfig
+from athanor.console import say
 from athanor.layout import RunLayout
 from athanor.storage import Location
 
@@ -177,6 +179,7 @@ def train_tokenizer(cfg: AthanorConfig, layout: RunLayout) -> Location:
     corpus too small for `vocab_size` is an error that says so, rather than a silently smaller vocabulary.
     """
     tc = cfg.tokenize
+    t0 = time.perf_counter()
     texts = sample_documents(layout.curated("final"), tc.sample_docs, cfg.run.seed)
     if not texts:
         raise TokenizerTrainingError(f"no documents with text in {layout.curated('final')}")
@@ -211,4 +214,6 @@ def train_tokenizer(cfg: AthanorConfig, layout: RunLayout) -> Location:
         ) from None
     storage.write_bytes(layout.tokenizer_model, model.getvalue())
     storage.write_bytes(layout.tokenizer_dir / "tokenizer.vocab", _vocab_text(model.getvalue()).encode("utf-8"))
+    say(f"tokenizer: {tc.model_type}, vocab {tc.vocab_size:,}, trained on {len(texts):,} sampled documents, "
+        f"{time.perf_counter() - t0:.1f} s")
     return layout.tokenizer_model

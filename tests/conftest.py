@@ -43,6 +43,8 @@ def data_dir() -> Path:
     """The real sample data from scripts/fetch_data.py (HTML pages, WARC, lid.176, quality corpora)."""
     if not (DATA / "SOURCES.json").exists():
         subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_data.py"), "--dest", str(DATA)], check=True)
+    if not (DATA / "eval" / "manifest.json").exists():  # curation decontaminates against these tasks by default
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "build_eval_tasks.py"), "--data", str(DATA)], check=True)
     return DATA
 
 
@@ -106,12 +108,22 @@ def s3_endpoint():
     server.stop()
 
 
+class CliRun(tuple):
+    """(workdir, stdout) of a CLI run, with its stderr as `.stderr`."""
+
+    def __new__(cls, workdir: Path, stdout: str, stderr: str):
+        run = super().__new__(cls, (workdir, stdout))
+        run.stderr = stderr
+        return run
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory, data_dir):
-    """`athanor run configs/smoke.yaml` once per session: (workdir, stdout). Tests must not modify the workdir."""
+    """`athanor run configs/smoke.yaml` once per session: (workdir, stdout), and `.stderr`. Tests must not modify the
+    workdir."""
     workdir = tmp_path_factory.mktemp("smoke")
     books = data_dir / "quality" / "high" / "alice29.txt"  # an extra eval set, scored at every evaluation
     proc = run_cli("run", "configs/smoke.yaml", "--set", f"run.workdir={workdir}",
                    "--set", f"train.eval_sets={{books: [{books}]}}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return workdir, proc.stdout
+    return CliRun(workdir, proc.stdout, proc.stderr)

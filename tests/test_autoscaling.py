@@ -64,7 +64,9 @@ def run_on_cluster(head, *args, timeout=600, on_tick=None) -> tuple[subprocess.C
     # (10 by default): the smoke config's curation is over in about 15 s, before a node could come.
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DATA_CLUSTER_UTIL_AVG_WINDOW_S="2")
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "athanor.cluster.cli", *args, "--set", f"cluster.address={head.gcs_address}"]
+    # --verbose: Ray Train's INFO lines, where its resize decisions show
+    cmd = [sys.executable, "-m", "athanor.cluster.cli", *args, "--set", f"cluster.address={head.gcs_address}",
+           "--verbose"]
     seen: set[str] = set()
     t0 = time.monotonic()
     with tempfile.TemporaryFile("w+") as log:

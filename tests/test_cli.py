@@ -1,5 +1,7 @@
 """The CLI turns user mistakes into one clear line and exit code 2, never a traceback."""
 
+import os
+
 from cli_runner import run_cli as _cli
 
 
@@ -23,3 +25,24 @@ def test_help_lists_every_stage():
     assert p.returncode == 0
     for cmd in ("run", "curate", "tokenize", "train", "quality", "generate", "export", "presets"):
         assert cmd in p.stdout
+
+
+def test_verbose_is_accepted_before_or_after_any_subcommand(monkeypatch):
+    from athanor import console
+    from athanor.cluster.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["run", "c.yaml"]).verbose is False
+    for argv in (["-v", "run", "c.yaml"], ["run", "c.yaml", "--verbose"], ["quality", "train", "c.yaml", "-v"],
+                 ["generate", "--checkpoint", "x", "--prompt", "hi", "--verbose"], ["presets", "-v"]):
+        assert p.parse_args(argv).verbose is True, argv
+    quiet = {k: v for k, v in os.environ.items()
+             if k not in (console.VERBOSE_ENV, "RAY_LOG_TO_DRIVER_EVENT_LEVEL", "MLFLOW_LOGGING_LEVEL")}
+    monkeypatch.setattr(os, "environ", dict(quiet))  # this process's real environment stays as it was
+    console.configure(False)  # quiet: autoscaler events and MLflow below WARNING hidden
+    assert not console.verbose() and console.ray_train_log_level() == "WARNING"
+    assert os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING" == os.environ["RAY_LOG_TO_DRIVER_EVENT_LEVEL"]
+    monkeypatch.setattr(os, "environ", dict(quiet))
+    console.configure(True)
+    assert console.verbose() and console.ray_train_log_level() == "INFO"
+    assert "RAY_LOG_TO_DRIVER_EVENT_LEVEL" not in os.environ
