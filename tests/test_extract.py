@@ -47,16 +47,19 @@ def test_default_drops_boilerplate_keeps_article(news: Path) -> None:
     assert sum((extracted - reference).values()) < sum((words(old) - reference).values()) / 5
 
 
-def test_default_beats_resiliparse_and_nears_trafilatura(news: Path) -> None:
+def test_default_beats_resiliparse_and_reaches_trafilatura(news: Path) -> None:
+    """Word F1 on the news pages at least trafilatura's (issue 16); speed is bench/bench_extract.py's, not a test's."""
     from bench_extract import evaluate, news_pairs
 
     pairs = news_pairs(ROOT / "data", None)
     pages = [h.read_bytes() for h, _ in pairs]
     refs: list[Counter] = [words_of(t) for _, t in pairs]
     ours, resiliparse = evaluate("athanor", pages, refs), evaluate("resiliparse", pages, refs)
-    assert ours["f1_micro"] > resiliparse["f1_micro"] + 0.03
-    assert ours["precision_micro"] > resiliparse["precision_micro"] + 0.08
-    assert ours["recall_micro"] > 0.97
+    trafilatura = evaluate("trafilatura", pages, refs)
+    assert ours["f1_micro"] >= trafilatura["f1_micro"]
+    assert ours["f1_micro"] > resiliparse["f1_micro"] + 0.06
+    assert ours["precision_micro"] > resiliparse["precision_micro"] + 0.12
+    assert ours["recall_micro"] > 0.99
 
 
 def words_of(path: Path) -> Counter:
@@ -86,3 +89,31 @@ def test_docs_keep_sections_signatures_and_code() -> None:
         assert kept in text
     assert "modules" not in text and "Copyright" not in text
 
+
+
+ARTICLE = " ".join(["The council approved the new budget after a long debate about schools and roads."] * 4)
+NEWS_PAGE = f"""<html><body><div class="page"><div class="col-left"><p>{ARTICLE}</p><p>{ARTICLE}</p>
+<p>{ARTICLE}</p></div><div class="col-right"><div><a href="/a">Storm hits the coast</a><div>April 26, 2014 -- Updated
+1358 GMT</div><div>Here are ten facts about one of nature's most powerful forces and how to stay safe.</div></div>
+<div><a href="/b">Photos: weather around the world</a><div>August 7, 2013 -- Updated 1446 GMT</div><div>Get a
+glimpse of the weather events happening around the world by clicking through our photo gallery.</div></div>
+<div><a href="/c">What to pack</a><div>July 3, 2014 -- Updated 2339 GMT</div><div>Water jugs and batteries are
+not the only things to consider when extreme weather threatens your town this season.</div></div></div></div>
+<div class="notice"><p>We use small files to improve this site; by staying you agree.</p></div></body></html>"""
+
+
+def test_teaser_column_and_notice_beside_the_article_go() -> None:
+    """Blocks beside the main container (the deepest element with most <p> text) go when they are no text."""
+    text, _ = html_to_text(NEWS_PAGE.encode(), ExtractConfig())
+    assert text.count("The council approved") == 12
+    for gone in ("Storm hits", "ten facts", "Updated", "Water jugs", "small files"):
+        assert gone not in text
+
+
+def test_article_set_in_divs_stays_beside_a_paragraph_box() -> None:
+    """A large block without <p> that is not link-dense is kept even when a small box holds all the <p> text."""
+    divs = "".join(f"<div>{ARTICLE} Part {i}.</div>" for i in range(12))
+    page = f"""<html><body><div class="wide">{divs}</div><div class="box"><p>{ARTICLE}</p><p>{ARTICLE}</p></div>
+</body></html>"""
+    text, _ = html_to_text(page.encode(), ExtractConfig())
+    assert all(f"Part {i}." in text for i in range(12))
