@@ -56,6 +56,9 @@ def init_ray(cfg: AthanorConfig) -> None:
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env, logging_level=ray_logging_level())
     else:
         runtime_env["worker_process_setup_hook"] = "athanor.cluster.driver.quiet_placement_group_cleaner"
+        # Ray Train's preemption watcher polls for node drains, which the embedded Ray (one node, gone with the
+        # driver) never has: one actor process less per training start. On a cluster it stays on (spot nodes).
+        runtime_env.setdefault("env_vars", {})["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
         ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=True,
                  runtime_env=runtime_env, logging_level=ray_logging_level())
     from ray.data import DataContext

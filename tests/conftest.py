@@ -16,6 +16,11 @@ DATA = ROOT / "data"
 # Keep Ray quiet and small on a 2-core CI machine.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Credentials never travel with Ray tasks (storage.ray_env): each node reads its own. Every Ray the tests start on
+# this machine inherits this process's environment, so the keys moto accepts are set before any of them starts
+# (the session's embedded Ray comes up long before an S3 test's fixtures run). test_submit's head gets its own.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 
 
 def pytest_configure(config):

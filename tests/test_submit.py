@@ -6,6 +6,10 @@ shared filesystem, as on one machine), logs to a real `mlflow server` on loopbac
 S3-compatible server on loopback (moto's). The S3 keys live in the head's environment, as a node's would (a
 Kubernetes Secret, the environment `ray start` runs in), and nowhere in the job: the test then searches the job's
 record and every task and actor spec Ray keeps for them, and `--env` refuses to forward a secret.
+
+The job's run is also the suite's one whole run into object storage: every stage output and the Ray Train checkpoints
+must be in the bucket, shards are read through checked node-local copies, and the same run again (its driver joining
+the same head directly) skips every stage without rewriting any output. One head, one run for all of them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ import pytest
 from cli_runner import ROOT
 from mlflow.tracking import MlflowClient
 from ray_head import free_port, ray_head
+
+from athanor import storage
+from athanor.layout import RunLayout
 
 STEPS = 20
 
@@ -63,6 +70,7 @@ def mlflow_url(tmp_path_factory):
 
 
 BUCKET = "athanor-runs"
+PREFIX = "submitted"
 
 
 @pytest.fixture(scope="module")
@@ -109,14 +117,28 @@ def _athanor(*args, timeout=900, env=None):
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.slow
-def test_submit_smoke_pipeline_to_a_ray_head(head, mlflow_url, s3_endpoint, data_dir):
-    workdir = f"s3://{BUCKET}/submitted"
-    overrides = [f"run.workdir={workdir}", f"data.s3_endpoint_override={s3_endpoint}",
-                 "run.name=submitted-smoke", f"mlflow.tracking_uri={mlflow_url}",
-                 "mlflow.experiment=athanor-submit", f"train.max_steps={STEPS}", "train.eval_every=10",
-                 "train.checkpoint_every=10", *_data_overrides(data_dir)]
-    sets = [a for o in overrides for a in ("--set", o)]
+def _overrides(s3_endpoint: str, mlflow_url: str, data_dir: Path) -> list[str]:
+    """The smoke run into the bucket, logged to the MLflow server: what the job runs, and the rerun beside it."""
+    return [f"run.workdir=s3://{BUCKET}/{PREFIX}", f"data.s3_endpoint_override={s3_endpoint}",
+            "run.name=submitted-smoke", f"mlflow.tracking_uri={mlflow_url}", "mlflow.experiment=athanor-submit",
+            f"train.max_steps={STEPS}", "train.eval_every=10", "train.checkpoint_every=10", *_data_overrides(data_dir)]
+
+
+def _listing(s3) -> dict[str, dict]:
+    """Every object of the run: key (below the run's prefix) -> its listing entry (size, ETag, LastModified)."""
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{PREFIX}/")
+    return {o["Key"].removeprefix(f"{PREFIX}/"): o for page in pages for o in page.get("Contents", [])}
+
+
+def _json(s3, key: str) -> dict:
+    return json.loads(s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/{key}")["Body"].read())
+
+
+@pytest.fixture(scope="module")
+def submitted(head, mlflow_url, s3_endpoint, data_dir):
+    """The smoke pipeline submitted as a Ray job, run to the end: its outputs in the bucket are what the tests below
+    check (one whole run into object storage, shared by them all)."""
+    sets = [a for o in _overrides(s3_endpoint, mlflow_url, data_dir) for a in ("--set", o)]
     t0 = time.monotonic()
     proc = _athanor("submit", "configs/smoke.yaml", *sets, "--env", "AWS_DEFAULT_REGION", "--address",
                     head.dashboard_url, timeout=300)  # a setting may travel; the keys are the head's own
@@ -129,7 +151,13 @@ def test_submit_smoke_pipeline_to_a_ray_head(head, mlflow_url, s3_endpoint, data
     assert proc.returncode == 0, proc.stdout + proc.stderr + logs[-6000:]
     assert f"{job_id}: SUCCEEDED" in proc.stdout
     print(f"job {job_id} succeeded in {time.monotonic() - t0:.1f} s")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    return {"job_id": job_id, "logs": logs, "s3": s3, "keys": _listing(s3)}
 
+
+@pytest.mark.slow
+def test_submit_smoke_pipeline_to_a_ray_head(submitted, head, mlflow_url):
+    job_id, logs, s3 = submitted["job_id"], submitted["logs"], submitted["s3"]
     # The final report of `athanor run` reached the job's log.
     assert "curation (documents in -> kept, dropped by reason):" in logs
     assert re.search(r"training loss: first [\d.]+ -> last [\d.]+", logs)
@@ -137,16 +165,7 @@ def test_submit_smoke_pipeline_to_a_ray_head(head, mlflow_url, s3_endpoint, data
     followed = _athanor("jobs", "logs", job_id, "--follow", "--address", head.dashboard_url, timeout=120)
     assert followed.returncode == 0 and f"MLflow run id: {run_id}" in followed.stdout  # ends with the job
     assert f"open {mlflow_url}" in logs
-
-    # Every output is in the bucket, under run.workdir.
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="submitted/")
-            for o in page.get("Contents", [])]
-    for key in ("manifest.json", "stats/curation.json", "stats/report.html", "tokenizer/tokenizer.model"):
-        assert f"submitted/{key}" in keys, key
-    assert any(k.startswith("submitted/shards/train/") for k in keys)
-    assert any(k.startswith("submitted/checkpoints/") and k.endswith("/tokenizer.model") for k in keys)
-    manifest = json.loads(s3.get_object(Bucket=BUCKET, Key="submitted/manifest.json")["Body"].read())
+    manifest = _json(s3, "manifest.json")
     assert manifest["splits"]["train"]["sequences"] > 0
 
     # One MLflow run, named after run.name, with the training metrics of every step.
@@ -183,10 +202,18 @@ def _assert_no_keys_in_specs(head, job_id: str, logs: str) -> None:
     def dump(rows) -> str:
         return json.dumps([asdict(r) if hasattr(r, "__dataclass_fields__") else r for r in rows], default=str)
 
-    state = {"address": head.dashboard_url, "detail": True, "limit": 10_000, "raise_on_missing_output": False}
-    tasks, actors = dump(list_tasks(**state)), dump(list_actors(**state))
-    specs = {"job info": dump([JobSubmissionClient(head.dashboard_url).get_job_info(job_id)]),
-             "jobs": dump(list_jobs(**state)), "tasks": tasks, "actors": actors, "driver log": logs}
+    from ray._raylet import AuthenticationTokenLoader
+
+    # Ray's clients read the token once per process: an earlier test's cluster (the session's embedded Ray) may have
+    # left its own in the cache, which this head refuses. Read this head's now, and drop it again after.
+    AuthenticationTokenLoader.instance().reset_cache()
+    try:
+        state = {"address": head.dashboard_url, "detail": True, "limit": 10_000, "raise_on_missing_output": False}
+        tasks, actors = dump(list_tasks(**state)), dump(list_actors(**state))
+        specs = {"job info": dump([JobSubmissionClient(head.dashboard_url).get_job_info(job_id)]),
+                 "jobs": dump(list_jobs(**state)), "tasks": tasks, "actors": actors, "driver log": logs}
+    finally:
+        AuthenticationTokenLoader.instance().reset_cache()
     assert len(json.loads(tasks)) > 10 and len(json.loads(actors)) > 3, (tasks[:2000], actors[:2000])
     # The search sees what a task's runtime_env carries: the endpoint the driver passes to every task is there.
     assert '"AWS_ENDPOINT_URL' in tasks or "AWS_ENDPOINT_URL" in actors, tasks[:3000]
@@ -194,6 +221,111 @@ def _assert_no_keys_in_specs(head, job_id: str, logs: str) -> None:
         value = os.environ[name]
         leaked = [where for where, text in specs.items() if value in text]
         assert not leaked, f"{name}'s value is in the {', '.join(leaked)}"
+
+
+@pytest.mark.slow
+def test_every_stage_output_is_in_the_bucket(submitted):
+    s3, keys = submitted["s3"], submitted["keys"]
+    summary = _json(s3, "stats/curation.json")
+    assert summary["kept"] > 0 and summary["in"] == summary["kept"] + sum(summary["dropped"].values())
+    for stage in summary["stages"]:
+        assert _json(s3, f"stats/{stage['stage']}.json") == stage
+    committed = {k.split("/")[1] for k in keys if k.startswith("curated/") and k.endswith("/_SUCCESS.json")}
+    with_parts = {k.split("/")[1] for k in keys if k.startswith("curated/") and k.endswith(".parquet")} - {"dropped"}
+    assert "final" in with_parts and with_parts <= committed  # every stage folder with shards is marked complete
+    assert {"stats/report.html", "quality/quality.bin", "quality/report.json", "tokenizer/tokenizer.model",
+            "tokenizer/tokenizer.vocab", "manifest.json", "stages/curate.json", "stages/tokenize.json",
+            "config.resolved.yaml", "mlflow_run_id"} <= set(keys)
+    assert not any(k.rsplit("/", 1)[-1].startswith(".") and k.endswith(".tmp") for k in keys)  # no temporaries
+
+    manifest = _json(s3, "manifest.json")
+    shards = [s for split in ("train", "val") for s in manifest["splits"][split]["shards"]]
+    assert shards and manifest["splits"]["train"]["sequences"] > 0
+    for s in shards:  # every shard listed is in the bucket, with the size the manifest records
+        assert keys[s["path"]]["Size"] == s["bytes"]
+
+
+@pytest.mark.slow
+def test_ray_train_checkpoints_go_to_the_bucket_and_load_back(submitted, mlflow_url, tmp_path, monkeypatch):
+    s3, keys = submitted["s3"], submitted["keys"]
+    checkpoints = sorted(k.rsplit("/", 1)[0] for k in keys if k.startswith("checkpoints/")
+                         and k.endswith("/trainer_state.json"))
+    assert len(checkpoints) >= 1, sorted(keys)
+    newest = checkpoints[-1]
+    assert f"{newest}/trainer_state.json" in keys and f"{newest}/tokenizer.model" in keys
+    assert _json(s3, f"{newest}/trainer_state.json")["step"] == STEPS
+    client = MlflowClient(mlflow_url)
+    (run,) = client.search_runs([client.get_experiment_by_name("athanor-submit").experiment_id])
+    assert run.data.tags["checkpoint.final"] == f"s3://{BUCKET}/{PREFIX}/{newest}"
+    # The experiment keeps its artifacts beside the run's other outputs: the bucket, not the server's disk.
+    assert run.info.artifact_uri.startswith(f"s3://{BUCKET}/{PREFIX}/mlartifacts/")
+    assert any(k.startswith("mlartifacts/") and k.endswith("/report/report.html") for k in keys)
+
+    from athanor.cluster.checkpoint import find_checkpoint
+
+    monkeypatch.setenv("ATHANOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.meta.endpoint_url)
+    local = find_checkpoint(f"s3://{BUCKET}/{PREFIX}")  # the run's workdir URI: the newest checkpoint under it
+    assert local == storage.cached(storage.location(f"s3://{BUCKET}/{PREFIX}/{newest}"))
+    assert (local / "tokenizer.model").read_bytes() == s3.get_object(
+        Bucket=BUCKET, Key=f"{PREFIX}/tokenizer/tokenizer.model")["Body"].read()
+
+
+@pytest.mark.slow
+def test_token_shards_are_read_through_a_checked_node_local_copy(submitted, s3_endpoint, tmp_path, monkeypatch):
+    s3 = submitted["s3"]
+    monkeypatch.setenv("ATHANOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    from athanor.pipelines.shards import ShardIntegrityError, TokenShards
+
+    workdir = f"s3://{BUCKET}/{PREFIX}"
+    shards = TokenShards(workdir, "train")
+    manifest = _json(s3, "manifest.json")
+    assert len(shards) == manifest["splits"]["train"]["sequences"]
+    local = RunLayout.from_workdir(workdir).on_this_node()
+    first = manifest["splits"]["train"]["shards"][0]["path"]
+    assert (local.root / first).read_bytes() == s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/{first}")["Body"].read()
+
+    (local.root / first).write_bytes(b"damaged")  # a bad cache copy is fetched again, not memory-mapped
+    assert len(TokenShards(workdir, "train")) == len(shards)
+    original = (local.root / first).read_bytes()
+    s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{first}", Body=b"damaged in the bucket")
+    (local.root / first).unlink()  # (a copy that still has the manifest's sha256 would rightly be used as it is)
+    try:
+        with pytest.raises(ShardIntegrityError, match="does not match the manifest"):
+            TokenShards(workdir, "train")
+    finally:  # the real shard back, for the tests that run after this one
+        s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{first}", Body=original)
+
+
+@pytest.mark.slow
+def test_second_identical_run_skips_every_stage(submitted, head, mlflow_url, s3_endpoint, data_dir, tmp_path):
+    """The same run again, its driver joining the same cluster directly (no job): every stage is up to date in the
+    bucket, so not one output is written again, and MLflow still holds one run."""
+    sets = [a for o in _overrides(s3_endpoint, mlflow_url, data_dir) for a in ("--set", o)]
+    proc = _athanor("run", "configs/smoke.yaml", *sets, "--set", f"cluster.address={head.gcs_address}",
+                    env={"ATHANOR_CACHE_DIR": str(tmp_path / "cache")}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "curate=0.0" in proc.stdout and "tokenize=0.0" in proc.stdout, proc.stdout[-3000:]
+    before, after = submitted["keys"], _listing(submitted["s3"])
+    outputs = [k for k in before if k.split("/")[0] in ("curated", "stats", "quality", "tokenizer", "shards",
+                                                          "stages", "manifest.json")]
+    assert len(outputs) > 20
+    for k in outputs:  # not one stage output written again: same object, same bytes
+        assert (after[k]["ETag"], after[k]["LastModified"]) == (before[k]["ETag"], before[k]["LastModified"]), k
+    client = MlflowClient(mlflow_url)
+    assert len(client.search_runs([client.get_experiment_by_name("athanor-submit").experiment_id])) == 1
+
+
+def test_a_uri_workdir_needs_a_shared_tracking_server():
+    from athanor.cluster.tracking import tracking_uri
+    from athanor.config import AthanorConfig, ConfigError
+
+    cfg = AthanorConfig.model_validate({"run": {"workdir": f"s3://{BUCKET}/{PREFIX}"}})
+    with pytest.raises(ConfigError, match="mlflow.tracking_uri"):
+        tracking_uri(cfg, RunLayout.from_workdir(cfg.run.workdir))
+    with_server = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": "http://mlf:5000"})})
+    assert tracking_uri(with_server, RunLayout.from_workdir(cfg.run.workdir)) == "http://mlf:5000"
 
 
 @pytest.mark.slow
