@@ -198,13 +198,18 @@ def fetch(dest: Path) -> dict:
     return sources
 
 
+def _open_archive(name: str, dest: Path) -> tarfile.TarFile:
+    """ARCHIVES[name], downloaded into dest/.cache once (sha256 checked) and opened."""
+    cache = dest / ".cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    return tarfile.open(_download(name, cache))
+
+
 def fetch_extract_news(dest: Path) -> dict:
     """data/extract/news/{html,txt}/NAME.*: news pages paired with their article text (newspaper4k's tests)."""
     out = dest / "extract" / "news"
     if not (out / "txt").is_dir():
-        cache = dest / ".cache"
-        cache.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(_download("newspaper4k", cache)) as tar:
+        with _open_archive("newspaper4k", dest) as tar:
             files = {m.name: m for m in tar.getmembers() if m.isfile()}
             root = "newspaper4k-0.9.6/tests/data/"
             for name, m in files.items():
@@ -219,9 +224,7 @@ def fetch_extract_web(dest: Path) -> dict:
     """data/extract/web/: trafilatura 1.1.0's tests/cache/*.html and realworld_tests.py (GPLv3+: not committed)."""
     out = dest / "extract" / "web"
     if not (out / "realworld_tests.py").exists():
-        cache = dest / ".cache"
-        cache.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(_download("trafilatura", cache)) as tar:
+        with _open_archive("trafilatura", dest) as tar:
             root = "trafilatura-1.1.0/tests/"
             for m in tar.getmembers():
                 if m.isfile() and (m.name.startswith(root + "cache/") or m.name == root + "realworld_tests.py"):
