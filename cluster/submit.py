@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from athanor.config import load_config
+from athanor.console import verbose
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # gitignore patterns relative to the working_dir (Ray also honours the project's .gitignore on top of these). No
@@ -116,9 +117,11 @@ def build_runtime_env(project: Path, env_names: list[str], pip: bool) -> dict:
     return runtime_env
 
 
-def build_entrypoint(config: str, overrides: list[str], stage: str = "run", force: bool = False) -> str:
+def build_entrypoint(config: str, overrides: list[str], stage: str = "run", force: bool = False,
+                     verbose: bool = False) -> str:
+    """The job's command line: the same stage and overrides, and --verbose when `athanor submit` had it."""
     args = [stage, config, *[a for o in overrides for a in ("--set", o)]] + (["--force"] if force else [])
-    return "python -m athanor.cluster.cli " + shlex.join(args)
+    return "python -m athanor.cluster.cli " + shlex.join(args + (["--verbose"] if verbose else []))
 
 
 def _project_and_config(config: str, working_dir: str | None) -> tuple[Path, str]:
@@ -151,7 +154,7 @@ def submit(config: str, overrides: list[str], address: str | None, env_names: li
     runtime_env = build_runtime_env(project, env_names, pip)
     jobs = client(address)
     try:
-        return jobs.submit_job(entrypoint=build_entrypoint(rel_config, overrides, stage, force),
+        return jobs.submit_job(entrypoint=build_entrypoint(rel_config, overrides, stage, force, verbose()),
                                runtime_env=runtime_env, submission_id=submission_id,
                                metadata={"athanor.run_name": cfg.run.name, "athanor.config": rel_config})
     except RuntimeError as err:

@@ -393,6 +393,14 @@ def test_runtime_env_carries_only_named_variables_and_pip_without_ray(monkeypatc
     assert "mlflow==3.17.2" in pip and not [d for d in pip if d.startswith("ray")]
 
 
+def test_entrypoint_carries_the_stage_overrides_and_verbosity():
+    from athanor.cluster.submit import build_entrypoint
+
+    assert build_entrypoint("configs/smoke.yaml", ["run.name=a b"], "train", force=True) == (
+        "python -m athanor.cluster.cli train configs/smoke.yaml --set 'run.name=a b' --force")
+    assert build_entrypoint("configs/smoke.yaml", [], verbose=True).endswith(" run configs/smoke.yaml --verbose")
+
+
 def test_env_refuses_secret_names(monkeypatch):
     """Names that hold credentials never reach a runtime_env, set or not; settings do."""
     from athanor.cluster.submit import SubmitError, build_runtime_env, secret_names
