@@ -240,6 +240,12 @@ def _write_json_atomic(path: Location, payload: dict) -> None:
     storage.write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+def _num_rows(file: Location) -> int:
+    """Rows of a Parquet file, from its footer (the file is closed again: on S3 each is an open connection)."""
+    with storage.open_input(file) as f:
+        return pq.read_metadata(f).num_rows
+
+
 def pack_shards(cfg: AthanorConfig, layout: RunLayout) -> dict:
     """Tokenize `curated/final` into train/val Arrow shards and write the manifest; returns the manifest."""
     tc = cfg.tokenize
@@ -256,7 +262,7 @@ def pack_shards(cfg: AthanorConfig, layout: RunLayout) -> dict:
     packers = {s: _Packer(layout.root, s, tc.seq_len + 1, tc.shard_sequences, dtype, bos, eos) for s in SPLITS}
     seen, dropped = 0, Counter()
     previous: tuple[str, str] | None = None
-    progress = Progress("tokenize", sum(pq.read_metadata(storage.open_input(f)).num_rows for f in files))
+    progress = Progress("tokenize", sum(_num_rows(f) for f in files))
     for batch in ordered.iter_batches(batch_format="pyarrow", batch_size=None):
         progress.update(seen)
         doc_ids = batch.column("doc_id").to_pylist()
