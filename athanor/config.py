@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -20,9 +21,25 @@ class _Section(BaseModel):
 
 
 class RunConfig(_Section):
-    name: str = "athanor-demo"
-    workdir: str = "runs/demo"  # every stage's output lives under here: a local/NFS path, or s3:// or gs:// URI
-    seed: int = 1234
+    """`name` binds the MLflow run and the checkpoints; a config file that leaves it out gets the file's stem, so no
+    two configs share a run (or the demo's folder, which a stage's stale-output cleanup would empty) by default."""
+
+    name: str = "athanor"
+    workdir: str | None = None  # every stage's output lives under here (default runs/<name>): a local/NFS path, or
+    seed: int = 1234            # an s3:// or gs:// URI
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not name.strip() or "/" in name:
+            raise ValueError(f"{name!r} is not a run name: it must be non-empty, without '/'")
+        return name
+
+    @model_validator(mode="after")
+    def _workdir(self) -> "RunConfig":
+        if self.workdir is None:
+            self.workdir = f"runs/{self.name}"
+        return self
 
 
 class DataConfig(_Section):
@@ -254,10 +271,24 @@ class TokenizeConfig(_Section):
     encode_actors: int = Field(2, ge=1)  # Ray Data actor pool size for encoding (each loads the tokenizer once)
 
 
+# Named model shapes (see athanor/model/presets.py); their vocabularies are the published models', for reference.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256),
+    "125m": dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, multiple_of=256),
+    "350m": dict(vocab_size=32000, dim=1024, n_layers=24, n_heads=16, n_kv_heads=16, multiple_of=256),
+    "1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192,
+               rope_theta=500000.0, max_seq_len=8192, tie_embeddings=True),
+    "7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_hidden=11008,
+               max_seq_len=4096, tie_embeddings=False),
+}
+
+
 class ModelConfig(_Section):
     """Llama-style decoder. vocab_size 0 means: take it from the trained tokenizer.
 
-    `preset` (tiny, 125m, 350m, 1b, 7b; see `athanor presets`) supplies the shape; fields set explicitly win.
+    `preset` (tiny, 125m, 350m, 1b, 7b; see `athanor presets`) supplies the shape, resolved when the config loads
+    (so MLflow's params are the shape that trains); fields set explicitly win, and the vocabulary stays the
+    tokenizer's unless set.
     """
 
     preset: Literal["tiny", "125m", "350m", "1b", "7b"] | None = None
@@ -279,6 +310,14 @@ class ModelConfig(_Section):
     moe_every: int = Field(1, ge=1)  # layer i is MoE when (i + 1) % moe_every == 0 (1: all, 2: every second)
     moe_capacity_factor: float | None = Field(None, gt=0)  # None: dropless; else GShard-style token dropping
     moe_aux_loss_coef: float = Field(0.01, ge=0)  # weight of the Switch load-balancing loss added to model.loss
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in MODEL_PRESETS:
+            shape = {k: v for k, v in MODEL_PRESETS[data["preset"]].items() if k != "vocab_size"}
+            data = {**shape, **data}
+        return data
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
@@ -518,11 +557,56 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """`train.max_steps=50` -> ("train.max_steps", 50); the value is read as YAML (numbers, lists, null)."""
+    """`train.max_steps=50` -> ("train.max_steps", 50): the value is read against the field's type (see
+    `_parse_value`), as YAML where the key names no field (pydantic then reports it)."""
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like section.field=value")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    key = key.strip()
+    annotation = _field_annotation(key)
+    if annotation is None:
+        return key, yaml.safe_load(raw) if raw.strip() else ""
+    return key, _parse_value(annotation, raw)
+
+
+def _field_annotation(dotted: str) -> Any:
+    """The type of the field a dotted key names, or None when it names none (or a free-form dict's entry)."""
+    model: Any = AthanorConfig
+    annotation = None
+    for part in dotted.split("."):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = annotation
+    return annotation
+
+
+def _parse_value(annotation: Any, raw: str) -> Any:
+    """An override's text as its field's type: a `str` field takes the text as it is (`run.name=2024`, `yes`); a
+    number accepts any float spelling (`run.seed=1e3`); a list takes YAML's `[a, b]` or a bare `a,b`; `null` is None
+    where the field allows it; anything else is read as YAML. pydantic validates the result."""
+    text = raw.strip()
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    optional = get_origin(annotation) in (Union, UnionType) and len(args) < len(get_args(annotation))
+    if optional and text in ("null", "~", "None"):
+        return None
+    base = args[0] if optional and len(args) == 1 else annotation
+    if base is str:
+        return raw
+    if base in (int, float):
+        try:
+            value = float(text)
+        except ValueError:
+            return text  # pydantic names the field
+        return int(value) if base is int and value.is_integer() else value
+    if get_origin(base) is list:
+        if text.startswith("["):
+            return yaml.safe_load(text)
+        item = get_args(base)[0] if get_args(base) else Any
+        return [_parse_value(item, part) for part in text.split(",")] if text else []
+    if get_origin(base) is Literal and all(isinstance(a, str) for a in get_args(base)):
+        return text
+    return yaml.safe_load(text) if text else ""
 
 
 def _format_error(err: ValidationError) -> str:
@@ -544,6 +628,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         tree = loaded
+        run = tree.get("run")
+        if run is None or isinstance(run, dict) and "name" not in run:  # see RunConfig: the file's own run
+            tree["run"] = {**(run or {}), "name": p.stem}
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)

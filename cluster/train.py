@@ -54,13 +54,9 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optim
 
 
 def model_config_for(cfg: AthanorConfig, vocab_size: int) -> ModelConfig:
-    """The model section resolved: preset shape under explicit fields, vocabulary from the tokenizer if left at 0."""
+    """The model section for this data (its preset was resolved when the config loaded): the vocabulary from the
+    tokenizer if left at 0, a context at least the data's."""
     m = cfg.model.model_copy()
-    if m.preset is not None:
-        from athanor.model.presets import PRESETS
-
-        explicit = m.model_dump(include=m.model_fields_set - {"preset"})
-        m = ModelConfig(**{**PRESETS[m.preset], "vocab_size": 0, **explicit})
     if m.vocab_size == 0:
         m.vocab_size = vocab_size
     elif m.vocab_size < vocab_size:

@@ -9,18 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from athanor.config import ModelConfig
+from athanor.config import MODEL_PRESETS, ModelConfig
 from athanor.model.flops import param_count
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256),
-    "125m": dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, multiple_of=256),
-    "350m": dict(vocab_size=32000, dim=1024, n_layers=24, n_heads=16, n_kv_heads=16, multiple_of=256),
-    "1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192,
-               rope_theta=500000.0, max_seq_len=8192, tie_embeddings=True),
-    "7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_hidden=11008,
-               max_seq_len=4096, tie_embeddings=False),
-}
+PRESETS = MODEL_PRESETS  # the table lives with the config, which resolves presets when it loads
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
