@@ -135,7 +135,7 @@ def _add_verbose(parser: argparse.ArgumentParser, seen: set | None = None) -> No
 def _loss_endpoints(report) -> tuple[float, float] | None:
     from mlflow.tracking import MlflowClient
 
-    history = MlflowClient(report.tracking_uri).get_metric_history(report.run_id, "loss")
+    history = MlflowClient(report.tracking_uri).get_metric_history(report.run_id, "train/loss")
     if not history:
         return None
     history.sort(key=lambda m: m.step)

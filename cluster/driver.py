@@ -127,6 +127,29 @@ class RunReport:
     curation: dict | None = None
     manifest: dict | None = None
     final_checkpoint: str | None = None
+    training: dict | None = None  # objective, and the last step's metrics
+
+    def markdown(self, run_name: str) -> str:
+        """What the run did so far, for the MLflow run's description."""
+        lines = [f"athanor run **{run_name}**"]
+        if self.curation:
+            c = self.curation
+            drops = sorted(c["dropped"].items(), key=lambda kv: -kv[1])
+            top = ", ".join(f"{reason} {n:,}" for reason, n in drops[:6]) + (", ..." if len(drops) > 6 else "")
+            lines.append(f"- **Curation**: {c['in']:,} documents in, {c['kept']:,} kept; dropped: {top or 'none'}. "
+                         f"Every stage's counts: the artifact `{tracking.CURATION_TABLE}`; the report: "
+                         "`report/report.html`.")
+        if self.manifest and "splits" in self.manifest:
+            m = self.manifest
+            tokens = ", ".join(f"{s['tokens']:,} {name}" for name, s in m["splits"].items())
+            lines.append(f"- **Data**: {m['documents']['kept']:,} documents as {tokens} tokens "
+                         f"(sequences of {m['seq_len']}, vocabulary {m.get('vocab_size', '?')}).")
+        if self.training:
+            t = self.training
+            figures = ", ".join(f"{k} {t[k]:.4f}" for k in ("loss", "val_loss") if isinstance(t.get(k), float))
+            lines.append(f"- **Training** ({t['objective']}): {t.get('step', '?')} steps; {figures or 'no loss yet'}."
+                         + (f" Final checkpoint: `{self.final_checkpoint}`." if self.final_checkpoint else ""))
+        return "\n".join(lines)
 
 
 class Driver:
@@ -170,11 +193,12 @@ class Driver:
             self.report.stages["curate"] = time.perf_counter() - t0
             _mark_done(self.cfg, self.layout, "curate", self.report.stages["curate"])
         summary = json.loads(storage.read_bytes(summary_path))
+        self.report.curation = summary
         tracking.log_stage_stats(self.run_id, summary["stages"])
+        self._describe()
         tracking.log_artifacts(self.run_id, {"curation": self.layout.stats_dir,
                                              "quality": self.layout.quality_dir})
         tracking.log_artifacts(self.run_id, {"report": self.layout.stats_dir / "report.html"})  # the HTML report
-        self.report.curation = summary
         return summary
 
     def tokenize(self) -> dict:
@@ -191,7 +215,11 @@ class Driver:
         manifest = json.loads(storage.read_bytes(self.layout.manifest))
         tracking.log_artifacts(self.run_id, {"tokenizer": self.layout.tokenizer_dir, "data": self.layout.manifest})
         self.report.manifest = manifest
+        self._describe()
         return manifest
+
+    def _describe(self) -> None:
+        tracking.describe_run(self.run_id, self.report.markdown(self.cfg.run.name))
 
     def finetune(self):
         """Instruction data packed under <workdir>/sft (skipped when up to date), then the training loop with the
@@ -231,6 +259,7 @@ class Driver:
         manifest = json.loads(storage.read_bytes(data.manifest))
         tracking.log_stage_stats(self.run_id, [{"stage": stage, **manifest["documents"]}])
         self.report.manifest = manifest
+        self._describe()
         return manifest
 
     def _base(self):
@@ -258,6 +287,7 @@ class Driver:
         t0 = time.perf_counter()
         result, stopped_by = run_training(self.cfg, self.layout, self.run_id, self.report.tracking_uri, objective)
         self.report.stages["train"] = time.perf_counter() - t0
+        self.report.training = {"objective": objective, **(result.metrics or {})}
         if result.error is not None:
             raise result.error
         if stopped_by:
@@ -274,6 +304,7 @@ class Driver:
                     self._log_adapter(Path(local))
             tracking.set_tags(self.run_id, {"checkpoint.final": final,
                                             "checkpoint.storage": str(self.layout.checkpoints)})
+        self._describe()
         return result
 
     def _log_adapter(self, checkpoint: Path) -> None:

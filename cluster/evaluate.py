@@ -210,7 +210,7 @@ def evaluate(cfg: AthanorConfig, checkpoint: str | None = None, inputs: list[str
 
 
 def log_to_mlflow(cfg: AthanorConfig, summary: dict) -> str:
-    """Metrics eval/<source>/{loss, perplexity, bits_per_byte} at the checkpoint's step, the per-source table and
+    """Metrics val/<source>/{loss, perplexity, bits_per_byte} at the checkpoint's step, the per-source table and
     the summary as artifacts: in the training run, or in a run named eval.run_name tagged with the training run."""
     import mlflow
     import pandas as pd
@@ -223,7 +223,7 @@ def log_to_mlflow(cfg: AthanorConfig, summary: dict) -> str:
     if cfg.eval.run_name:
         run_id = tracking.resolve_run(cfg, layout, cfg.eval.run_name,
                                       tags={"athanor.eval_of": train_run, "athanor.checkpoint": summary["checkpoint"]})
-    metrics = {f"eval/{s['source']}/{k}": s[k] for s in summary["sources"]
+    metrics = {f"val/{s['source']}/{k}": s[k] for s in summary["sources"]
                for k in ("loss", "perplexity", "bits_per_byte", "tokens", "bytes", "documents")
                if not (isinstance(s[k], float) and math.isnan(s[k]))}
     table = pd.DataFrame([{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in s.items()}

@@ -126,23 +126,25 @@ def measure(cfg: AthanorConfig, summary: dict) -> dict:
 
 
 def log_to_mlflow(cfg: AthanorConfig, summary: dict) -> str:
-    """quantize/<tag>/* in the model's training run: method, bits and group size as params; perplexity and bits
-    per byte before and after, their change, and sizes as metrics at the checkpoint's step; the summary as JSON."""
+    """In the model's training run: quantize/<tag>/{method, bits, group_size} as params; perplexity and bits per
+    byte before and after, their change, and sizes as metrics val/quantized/<tag>/* at the checkpoint's step (under
+    val/, after the training curves: see athanor.cluster.tracking); the summary as quantize/<tag>/summary.json."""
     import mlflow
 
     from . import tracking
 
     run_id = tracking.resolve_run(cfg, RunLayout.from_workdir(cfg.run.workdir))
     prefix = f"quantize/{summary['tag']}"
-    metrics = {f"{prefix}/size_mb": summary["bytes"] / 2**20,
-               f"{prefix}/size_ratio": summary["bytes"] / summary["full_precision_bytes"]}
+    mprefix = f"val/quantized/{summary['tag']}"
+    metrics = {f"{mprefix}/size_mb": summary["bytes"] / 2**20,
+               f"{mprefix}/size_ratio": summary["bytes"] / summary["full_precision_bytes"]}
     for side in ("full_precision", "quantized"):
         for k in ("perplexity", "bits_per_byte"):
             if side in summary and not math.isnan(summary[side][k]):
-                metrics[f"{prefix}/{side}_{k}"] = summary[side][k]
+                metrics[f"{mprefix}/{side}_{k}"] = summary[side][k]
     if "perplexity_change" in summary:
-        metrics[f"{prefix}/perplexity_change"] = summary["perplexity_change"]
-        metrics[f"{prefix}/bits_per_byte_change"] = summary["bits_per_byte_change"]
+        metrics[f"{mprefix}/perplexity_change"] = summary["perplexity_change"]
+        metrics[f"{mprefix}/bits_per_byte_change"] = summary["bits_per_byte_change"]
     with mlflow.start_run(run_id=run_id):
         mlflow.log_params({f"{prefix}/method": summary["method"], f"{prefix}/bits": summary["bits"],
                            f"{prefix}/group_size": summary["group_size"] or "channel"})

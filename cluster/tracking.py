@@ -4,17 +4,28 @@ The driver resolves the run once (looked up by name before it is created) and ha
 workers; only rank 0 logs from there, its per-step metrics through a `StepMetricsLogger` actor. Without a tracking
 server the store is SQLite inside the run's workdir; a URI workdir (s3://, gs://) cannot hold SQLite, so it needs
 `mlflow.tracking_uri` (a server every node reaches).
+
+What a user sees first is chosen here. MLflow's run page ("Model metrics") draws one section per key prefix before
+the first "/", the sections in code-point order and the keys without a prefix last, and sorts a section's charts by
+key. So the curves a run is opened for get the section that sorts first, `train/`, whose first keys are `loss`, `lr`
+and `val_loss`; the trainer's own figures follow in `trainer/`, held-out sets in `val/`. Curation counts are not
+metrics (forty bar charts of one value each): they are a table artifact, `curation/counts.json`, and the run's
+description, which says what the run did (see `describe_run`). Not child runs per stage: the pipeline's stages, its
+lineage and its training curves stay one run that `athanor.run_name` finds, resumes and compares.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS, MLFLOW_RUN_NOTE
 
 from athanor import storage
 from athanor.config import AthanorConfig, ConfigError
@@ -96,17 +107,68 @@ def _param_value(v: Any) -> str:
     return s[:6000]
 
 
+TRAINER_STATS = frozenset({"grad_norm", "tokens_per_s", "mfu", "world_size", "dp_size", "grad_accum_steps",
+                           "setup_s", "restore_s", "first_step_s"})
+CURATION_TABLE = "curation/counts.json"
+
+
+def mlflow_key(key: str) -> str:
+    """The MLflow name of a training-loop metric (the loop and its console keep the short names): the curves under
+    `train/` (loss, lr, val_loss; DPO's rewards/*), the trainer's figures and DPO's log-probs under `trainer/`,
+    held-out sets under `val/`."""
+    if key in TRAINER_STATS or key.startswith("logps/"):
+        return f"trainer/{key}"
+    if key == "val_bpb":
+        return "val/bits_per_byte"
+    if key.startswith("eval/"):
+        return f"val/{key.removeprefix('eval/')}"
+    return f"train/{key}"
+
+
 def log_stage_stats(run_id: str, stages: list[dict]) -> None:
-    """Curation counts as metrics: curate.<stage>.in / kept / dropped.<reason>."""
-    metrics: dict[str, float] = {}
+    """Curation counts as rows of the run's table `curation/counts.json` (stage, status in / kept / dropped, reason,
+    documents), in MLflow's table format so that the run's artifact view shows it as a table.
+
+    `mlflow.log_table` appends to a table already there; a re-run or a resumed run would count twice. So the rows of
+    these stages replace theirs and the file is written whole.
+    """
+    import pandas as pd
+
+    client = MlflowClient(mlflow.get_tracking_uri())
+    rows = []
     for s in stages:
-        prefix = f"curate.{s['stage']}"
-        metrics[f"{prefix}.in"] = s["in"]
-        metrics[f"{prefix}.kept"] = s["kept"]
-        for reason, n in s.get("dropped", {}).items():
-            metrics[f"{prefix}.dropped.{reason}"] = n
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics(metrics)
+        rows += [(s["stage"], "in", "", s["in"]), (s["stage"], "kept", "", s["kept"])]
+        rows += [(s["stage"], "dropped", reason, n) for reason, n in sorted(s.get("dropped", {}).items())]
+    table = pd.DataFrame(rows, columns=["stage", "status", "reason", "documents"])
+    old = curation_table(run_id, client)
+    if old is not None:
+        table = pd.concat([old[~old["stage"].isin(table["stage"])], table], ignore_index=True)
+    folder, name = CURATION_TABLE.rsplit("/", 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        table.to_json(Path(tmp) / name, orient="split", index=False)
+        client.log_artifact(run_id, str(Path(tmp) / name), artifact_path=folder)
+    logged = json.loads(client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    entry = {"path": CURATION_TABLE, "type": "table"}  # what log_table records, and the UI reads, for a table
+    if entry not in logged:
+        client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
+
+
+def curation_table(run_id: str, client: MlflowClient | None = None):
+    """The run's curation counts as a DataFrame (see `log_stage_stats`), or None before any stage logged them."""
+    import pandas as pd
+
+    client = client or MlflowClient(mlflow.get_tracking_uri())
+    folder = CURATION_TABLE.rsplit("/", 1)[0]
+    if CURATION_TABLE not in {a.path for a in client.list_artifacts(run_id, folder)}:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        data = json.loads(Path(client.download_artifacts(run_id, CURATION_TABLE, tmp)).read_text())
+    return pd.DataFrame(data["data"], columns=data["columns"])
+
+
+def describe_run(run_id: str, text: str) -> None:
+    """The run's description (MLflow's note, shown on top of the run's overview): what the run did, in Markdown."""
+    MlflowClient(mlflow.get_tracking_uri()).set_tag(run_id, MLFLOW_RUN_NOTE, text)
 
 
 def log_artifacts(run_id: str, paths: dict[str, Location]) -> None:
@@ -173,7 +235,8 @@ class StepMetricsLogger:
 
     def log(self, metrics: dict[str, float], step: int, timestamp_ms: int) -> None:
         try:  # the MLflow client has already retried an HTTP store with backoff
-            self.client.log_batch(self.run_id, [Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items()])
+            self.client.log_batch(self.run_id, [Metric(mlflow_key(k), float(v), timestamp_ms, step)
+                                                for k, v in metrics.items()])
         except Exception as e:  # noqa: BLE001 - nobody waits on log(): the error is kept for flush() to raise
             self.failed.append((step, f"{type(e).__name__}: {e}"))
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import aiohttp
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -142,6 +143,8 @@ def main() -> None:
     ap.add_argument("--size", default="1600x1200", help="window WIDTHxHEIGHT")
     ap.add_argument("--settle", type=float, default=8.0, help="seconds to let the charts draw")
     ap.add_argument("--timeout", type=float, default=90.0)
+    ap.add_argument("--expect", help="comma-separated metric keys the page must draw first (exit 1 otherwise), "
+                                     "e.g. train/loss,train/lr,train/val_loss")
     args = ap.parse_args()
     if args.server and not args.run_id:
         ap.error("--server needs --run-id")
@@ -158,6 +161,10 @@ def main() -> None:
             server.terminate()
             server.wait(30)
     print(json.dumps({"url": url, "screenshot": str(args.out), **order}))
+    if args.expect:
+        expected = args.expect.split(",")
+        if order["first_charts"][:len(expected)] != expected:
+            sys.exit(f"the page's first charts are {order['first_charts'][:len(expected)]}, not {expected}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from cli_runner import ROOT
 from test_hf_export import sp_model, trained_model  # noqa: F401 - sp_model is a fixture
 from training_runs import effective_steps, finish, records, start_train, stop_after
 
+from athanor.cluster import tracking
 from athanor.cluster.checkpoint import save_model
 from athanor.config import load_config
 
@@ -107,15 +108,16 @@ def test_dpo_stopped_and_resumed_on_one_worker_learns_the_held_out_preference(sm
     def history(name):
         return [m.value for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)]
 
-    loss = history("loss")
+    loss = history("train/loss")
     assert len(loss) == DPO.train.max_steps  # one run, one value per step, across the restart
     assert loss[0] == pytest.approx(math.log(2), abs=1e-3), out[-2000:]  # the stored reference is the policy
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                 "logps/rejected"):
+    for name in ("train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins",
+                 "train/rewards/accuracies", "trainer/logps/chosen", "trainer/logps/rejected"):
         assert len(history(name)) == DPO.train.max_steps, name
-    accuracy = history("val_reward_accuracy")
+    accuracy = history("train/val_reward_accuracy")
     assert accuracy[0] == 0.5 and accuracy[-1] >= 0.8, accuracy  # step 0: every held-out pair a tie
-    assert history("val_reward_margin")[-1] > 0
-    assert run.data.metrics["curate.dpo_data.dropped.too_long"] > 0  # answers longer than dpo.seq_len: counted
+    assert history("train/val_reward_margin")[-1] > 0
+    counts = tracking.curation_table(run.info.run_id, client).set_index(["stage", "status", "reason"])["documents"]
+    assert counts["dpo_data", "dropped", "too_long"] > 0  # answers longer than dpo.seq_len: counted
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert "adapter/adapter_config.json" in artifacts

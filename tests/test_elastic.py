@@ -104,5 +104,5 @@ def test_stopped_or_killed_driver_relaunched_with_the_same_name_resumes_into_the
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1, [r.info.run_name for r in runs]
     assert runs[0].info.status == "FINISHED"
-    loss = client.get_metric_history(runs[0].info.run_id, "loss")
+    loss = client.get_metric_history(runs[0].info.run_id, "train/loss")
     assert sorted({m.step for m in loss}) == list(range(1, SMOKE.train.max_steps + 1))

@@ -7,6 +7,18 @@ import pytest
 
 from cli_runner import run_cli
 
+from athanor.cluster import tracking
+
+
+def mlflow_chart_order(keys) -> list[str]:
+    """The charts of MLflow 3's run page (Model metrics) in page order: one section per key prefix before the first
+    "/", sections in code-point order, unprefixed keys last, a section's charts sorted by key (read from its UI
+    bundle; scripts/mlflow_screenshot.py checks the drawn page in Chromium)."""
+    def section(k: str) -> tuple[int, str]:
+        return (0, k.split("/")[0]) if "/" in k else (1, "")
+
+    return sorted(keys, key=lambda k: (section(k), k))
+
 
 @pytest.mark.slow
 def test_run_prints_mlflow_run_and_ui_command(smoke_run):
@@ -59,21 +71,26 @@ def test_mlflow_run_has_per_step_metrics_and_falling_loss(smoke_run):
     assert len(runs) == 1
     run = runs[0]
     max_steps = int(run.data.params["train.max_steps"])
-    for name in ("loss", "lr", "grad_norm", "tokens_per_s"):
+    for name in ("train/loss", "train/lr", "trainer/grad_norm", "trainer/tokens_per_s"):
         history = client.get_metric_history(run.info.run_id, name)
         assert sorted(m.step for m in history) == list(range(1, max_steps + 1)), name
-    loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
+    loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
     first, last = sum(loss[:5]) / 5, sum(loss[-5:]) / 5
     assert last < first - 1.0, (first, last)
-    assert "curate.read.in" in run.data.metrics and "curate.quality.kept" in run.data.metrics
+    assert not [k for k in run.data.metrics if not k.startswith(("train/", "trainer/", "val/"))]
+    assert mlflow_chart_order(run.data.metrics)[:3] == ["train/loss", "train/lr", "train/val_loss"]
+    counts = tracking.curation_table(run.info.run_id, client).set_index(["stage", "status", "reason"])["documents"]
+    assert counts["read", "in", ""] == 601 and counts["quality", "kept", ""] > 0
+    note = run.data.tags["mlflow.note.content"]  # the run's description says what it did
+    assert "601 documents in" in note and "Training** (pretrain): 300 steps" in note, note
     # periodic evaluation: validation loss and bits per byte, and the extra named set of configs/smoke.yaml
     evals = {name: client.get_metric_history(run.info.run_id, name)
-             for name in ("val_loss", "val_bpb", "eval/books/loss", "eval/books/bits_per_byte")}
+             for name in ("train/val_loss", "val/bits_per_byte", "val/books/loss", "val/books/bits_per_byte")}
     for name, history in evals.items():
         assert sorted(m.step for m in history) == [100, 200, 300], name
-    val_bpb = sorted(evals["val_bpb"], key=lambda m: m.step)
+    val_bpb = sorted(evals["val/bits_per_byte"], key=lambda m: m.step)
     assert 0.5 < val_bpb[-1].value < val_bpb[0].value  # learning shows in bits per byte too
-    books = evals["eval/books/bits_per_byte"][-1].value  # the scored targets' bytes, not the whole book's
+    books = evals["val/books/bits_per_byte"][-1].value  # the scored targets' bytes, not the whole book's
     assert 1.0 < books < 8.0, books
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "tokenizer", "data", "checkpoint", "curation"} <= artifacts

@@ -164,8 +164,8 @@ def test_eval_cli_logs_val_shards_and_inputs_to_a_linked_mlflow_run(smoke_run, d
     assert set(runs) == {"smoke", "smoke-eval"}
     eval_run = runs["smoke-eval"]
     assert eval_run.data.tags["athanor.eval_of"] == runs["smoke"].info.run_id
-    assert eval_run.data.metrics["eval/val/bits_per_byte"] == pytest.approx(val["bits_per_byte"])
-    assert client.get_metric_history(eval_run.info.run_id, "eval/alice29/loss")[0].step == summary["step"] == 300
+    assert eval_run.data.metrics["val/val/bits_per_byte"] == pytest.approx(val["bits_per_byte"])
+    assert client.get_metric_history(eval_run.info.run_id, "val/alice29/loss")[0].step == summary["step"] == 300
     artifacts = {a.path for a in client.list_artifacts(eval_run.info.run_id, "eval/smoke-eval")}
     assert "eval/smoke-eval/per_source.json" in artifacts
 

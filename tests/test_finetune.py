@@ -15,6 +15,7 @@ from cli_runner import ROOT
 from training_runs import (assert_same_training, effective_steps, finish, records, running, start_train,
                            stop_after, train_workers, wait_for)
 
+from athanor.cluster import tracking
 from athanor.config import ModelConfig, load_config
 from athanor.pipelines.instructions import encode_conversation, pack, pack_instructions, prompt_ids, read_examples
 from athanor.pipelines.tokenizer import Tokenizer
@@ -124,14 +125,15 @@ def test_lora_finetuning_lowers_held_out_response_loss_and_checkpoints_adapters_
     work, _ = finetune_run
     client = MlflowClient(f"sqlite:///{work}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name(FT.mlflow.experiment).experiment_id])
-    val = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_loss")}
+    val = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/val_loss")}
     assert sorted(val) == [0, 20, 40]  # step 0: the base model
     assert val[40] < val[0] - 0.05, val
     params = run.data.params
     assert 0 < int(params["model.trainable_params"]) < int(params["model.total_params"]) / 5
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= artifacts
-    assert run.data.metrics["curate.finetune_data.kept"] > 100
+    counts = tracking.curation_table(run.info.run_id, client).set_index(["stage", "status", "reason"])["documents"]
+    assert counts["finetune_data", "kept", ""] > 100
     checkpoint = find_checkpoint(work)
     keys = SafeFileSystemReader(checkpoint).read_metadata().state_dict_metadata
     model_keys = [k for k in keys if k.startswith("model.")]

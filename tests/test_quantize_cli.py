@@ -45,8 +45,8 @@ def test_gptq_writes_a_loadable_folder_and_logs_its_cost(smoke_run, run_copy):
     assert run.data.params["quantize/gptq-w4-g32/method"] == "gptq"
     assert run.data.params["quantize/gptq-w4-g32/group_size"] == "32"
     metrics = run.data.metrics
-    assert metrics["quantize/gptq-w4-g32/perplexity_change"] == pytest.approx(report["perplexity_change"])
-    assert metrics["quantize/gptq-w4-g32/quantized_bits_per_byte"] == pytest.approx(qz["bits_per_byte"])
+    assert metrics["val/quantized/gptq-w4-g32/perplexity_change"] == pytest.approx(report["perplexity_change"])
+    assert metrics["val/quantized/gptq-w4-g32/quantized_bits_per_byte"] == pytest.approx(qz["bits_per_byte"])
 
     with pytest.raises(ValueError, match="fine-tune the full-precision checkpoint"):
         base_state_dict(out)  # fine-tuning would silently start from dequantized integers

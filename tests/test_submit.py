@@ -175,7 +175,7 @@ def test_submit_smoke_pipeline_to_a_ray_head(submitted, head, mlflow_url):
     assert [r.info.run_id for r in runs] == [run_id]
     assert runs[0].info.run_name == "submitted-smoke"
     assert runs[0].info.status == "FINISHED" or runs[0].info.status == "RUNNING"
-    assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, STEPS + 1))
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(1, STEPS + 1))
     assert runs[0].data.params["train.max_steps"] == str(STEPS)
 
     # The job record: the project went up as a working_dir package, with the run name as metadata.

@@ -67,6 +67,7 @@ def _bind_twice(tmp_path, uri):
     tracking.log_stage_stats(first, [{"stage": "read", "in": 12, "kept": 9, "dropped": {"warc_revisit": 3}}])
     changed = load_config("configs/smoke.yaml", overrides + [f"train.max_steps={cfg.train.max_steps + 1}"])
     second = tracking.resolve_run(changed, layout)
+    tracking.log_stage_stats(second, [{"stage": "read", "in": 12, "kept": 9, "dropped": {"warc_revisit": 3}}])
     client = MlflowClient(tracking.tracking_uri(cfg, layout))
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`athanor.run_name` = 'bind-test'")
@@ -82,7 +83,10 @@ def test_run_is_found_again_not_duplicated(tmp_path, store, request):
     run = client.get_run(first)
     assert run.data.params["train.max_steps"] == str(steps)  # params are immutable: the first value stays
     assert run.data.tags["config_changed.train.max_steps"] == str(steps + 1)  # and the change is recorded
-    assert run.data.metrics["curate.read.dropped.warc_revisit"] == 3
+    counts = tracking.curation_table(first, client)
+    assert counts.duplicated(["stage", "status", "reason"]).sum() == 0  # bound twice, counted once
+    assert counts.set_index(["stage", "status", "reason"])["documents"]["read", "dropped", "warc_revisit"] == 3
+    assert not run.data.metrics  # the counts are a table, not forty one-point charts
     assert (tmp_path / "mlflow_run_id").read_text().strip() == first
 
 
@@ -96,7 +100,7 @@ def test_step_metrics_logger_writes_each_step_and_raises_lost_ones_at_flush(tmp_
     for step in (1, 2, 3):
         logger.log({"loss": 1.0 / step, "world_size": 2}, step, 1_000 * step)
     logger.flush()
-    history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
+    history = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)
     assert [(m.step, m.value, m.timestamp) for m in history] == [(1, 1.0, 1000), (2, 0.5, 2000), (3, 1 / 3, 3000)]
 
     client.delete_run(run_id)  # MLflow refuses writes to a deleted run
