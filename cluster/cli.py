@@ -334,6 +334,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         except SubmitError as err:
             raise UserError(str(err)) from None
     cfg = load_config(args.config, args.overrides)
+    from .preflight import check
+
+    check(cfg, args.command)  # before Ray and MLflow start: a missing input is one line, not a task's traceback
     if args.command == "quality":
         from athanor.layout import RunLayout
         from athanor.pipelines.quality import train_quality_classifier

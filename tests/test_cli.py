@@ -20,6 +20,29 @@ def test_bad_field_is_named(tmp_path):
     assert "Traceback" not in p.stderr
 
 
+def test_missing_inputs_are_one_line_before_ray_starts(tmp_path):
+    """Checked at load (cluster/preflight.py): each is one line naming the field or file, within seconds, and no Ray
+    session is started for it."""
+    work = f"run.workdir={tmp_path / 'run'}"
+    cases = [
+        (("train", "configs/smoke.yaml", "--set", work), "no token shards"),
+        (("tokenize", "configs/smoke.yaml", "--set", work), "no curated documents"),
+        (("curate", "configs/smoke.yaml", "--set", work, "--set", f"data.html_dirs={tmp_path / 'nope'}"),
+         "data.html_dirs: no such folder"),
+        (("curate", "configs/smoke.yaml", "--set", work, "--set", "data.warc_files=[]", "--set", "data.html_dirs=[]",
+          "--set", "data.jsonl_files=[]", "--set", "data.parquet_files=[]", "--set", "data.text_files=[]"),
+         "no input"),
+        (("run", "configs/smoke.yaml", "--set", work, "--set", "curate.quality.low=[]"), "curate.quality.low is empty"),
+        (("finetune", "configs/finetune-smoke.yaml", "--set", work, "--set", f"finetune.base={tmp_path / 'nope'}"),
+         "finetune.base: no such checkpoint"),
+    ]
+    for args, message in cases:
+        p = _cli(*args)
+        assert p.returncode == 2 and message in p.stderr, (args, p.stderr[-500:])
+        assert "Traceback" not in p.stderr and "Started a local Ray instance" not in p.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_help_lists_every_stage():
     p = _cli("--help")
     assert p.returncode == 0
