@@ -49,11 +49,12 @@ def c4_clean(text: str, cfg: C4Config) -> tuple[str, dict[str, int], str | None]
         lower = line.lower()
         if cfg.drop_lorem_ipsum and "lorem ipsum" in lower:
             return text, {"c4_lines_removed": removed, "c4_sentences": sentences}, "lorem_ipsum"
+        if cfg.remove_javascript_lines and "javascript" in lower:  # before the bracket check, as in C4 and
+            removed += 1                                             # DataTrove: such a line goes, not the page
+            continue
         if cfg.drop_curly_bracket and "{" in line:
             return text, {"c4_lines_removed": removed, "c4_sentences": sentences}, "curly_bracket"
-        if (cfg.remove_javascript_lines and "javascript" in lower) or (
-            cfg.remove_policy_lines and any(p in lower for p in POLICY_PHRASES)
-        ):
+        if cfg.remove_policy_lines and any(p in lower for p in POLICY_PHRASES):
             removed += 1
             continue
         sentences += max(1, len(SENTENCE_END.findall(line)))

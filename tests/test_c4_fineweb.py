@@ -47,6 +47,8 @@ def test_c4_line_rules_and_page_drops(texts):
     assert c4_clean(f"{article}\nLorem ipsum dolor sit amet, consectetur adipiscing.", cfg)[2] == "lorem_ipsum"
     assert c4_clean(f"{article}\nvar config = {{ page: 1 }};", cfg)[0] == cleaned  # unpunctuated: just a line
     assert c4_clean(f"{article}\nThe page calls render({{ page: 1 }}) on load.", cfg)[2] == "curly_bracket"
+    # a line with both: C4 (and DataTrove's C4QualityFilter) checks javascript first, so the line goes, not the page
+    assert c4_clean(f"{article}\nThe javascript call render({{ page: 1 }}) runs on load.", cfg)[0] == cleaned
     short = "\n".join(cleaned.splitlines()[:2])
     assert c4_clean(short, cfg)[2] == "too_few_sentences"
     assert c4_clean("", cfg)[2] == "too_few_sentences"
