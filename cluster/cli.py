@@ -338,10 +338,16 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     check(cfg, args.command)  # before Ray and MLflow start: a missing input is one line, not a task's traceback
     if args.command == "quality":
+        from athanor import storage
         from athanor.layout import RunLayout
-        from athanor.pipelines.quality import train_quality_classifier
+        from athanor.pipelines.quality import REPORT_FILE, model_is_current, train_quality_classifier
 
-        report = train_quality_classifier(cfg, RunLayout.from_workdir(cfg.run.workdir))
+        layout = RunLayout.from_workdir(cfg.run.workdir)
+        if not args.force and model_is_current(cfg, layout):  # as every stage: up to date unless forced
+            report = storage.read_json(layout.quality_dir / REPORT_FILE)
+            print("quality classifier: up to date, not retrained (use --force)", file=sys.stderr)
+        else:
+            report = train_quality_classifier(cfg, layout)
         print(json.dumps(report, indent=2))
         return 0
 

@@ -69,3 +69,16 @@ def test_verbose_is_accepted_before_or_after_any_subcommand(monkeypatch):
     console.configure(True)
     assert console.verbose() and console.ray_train_log_level() == "INFO"
     assert "RAY_LOG_TO_DRIVER_EVENT_LEVEL" not in os.environ
+
+
+def test_quality_train_is_skipped_when_up_to_date_unless_forced(tmp_path):
+    work = f"run.workdir={tmp_path}"
+    first = _cli("quality", "train", "configs/smoke.yaml", "--set", work)
+    assert first.returncode == 0, first.stderr[-2000:]
+    model = tmp_path / "quality" / "quality.bin"
+    trained_at = model.stat().st_mtime_ns
+    again = _cli("quality", "train", "configs/smoke.yaml", "--set", work)
+    assert again.returncode == 0 and "up to date" in again.stderr and model.stat().st_mtime_ns == trained_at
+    assert '"fingerprint"' in again.stdout  # the report is still printed
+    forced = _cli("quality", "train", "configs/smoke.yaml", "--set", work, "--force")
+    assert forced.returncode == 0 and model.stat().st_mtime_ns != trained_at
