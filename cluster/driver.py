@@ -283,6 +283,11 @@ class Driver:
 
         data = data or self.layout
         manifest = json.loads(storage.read_bytes(data.manifest))
+        if self.force:  # as every stage: --force runs it again, so training starts over instead of resuming
+            previous = self.layout.checkpoints / self.cfg.run.name
+            if storage.exists(previous):
+                log.warning("--force: deleting this run's checkpoints in %s; training starts at step 0", previous)
+                storage.delete_tree(previous)
         tracking.log_dataset(self.run_id, data.manifest, manifest)
         t0 = time.perf_counter()
         result, stopped_by = run_training(self.cfg, self.layout, self.run_id, self.report.tracking_uri, objective)
@@ -299,13 +304,33 @@ class Driver:
             final = f"{self.layout.root.scheme}://{path}" if self.layout.remote else path
             self.report.final_checkpoint = final
             with result.checkpoint.as_directory() as local:  # downloaded for MLflow when the workdir is a URI
-                tracking.log_artifacts(self.run_id, {"checkpoint": Path(local)})
                 if objective in ("finetune", "dpo") and self.cfg.finetune.method == "lora":
                     self._log_adapter(Path(local))
+                else:
+                    self._log_model(Path(local))
             tracking.set_tags(self.run_id, {"checkpoint.final": final,
                                             "checkpoint.storage": str(self.layout.checkpoints)})
         self._describe()
         return result
+
+    def _log_model(self, checkpoint: Path) -> None:
+        """The final weights as an HF Llama folder, MLflow artifact `model/` (what `transformers` and `athanor
+        generate|eval` load). Not the DCP checkpoint itself: its optimizer state triples it (about 15 GB at 1B), and
+        the checkpoint stays where the run keeps it, named by the tag `checkpoint.final`."""
+        import tempfile
+
+        from athanor.model.hf_export import export_hf
+
+        from .checkpoint import TOKENIZER_FILE, load_model
+
+        model, mcfg, _ = load_model(checkpoint)
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                export_hf(model, mcfg, checkpoint / TOKENIZER_FILE, tmp)
+            except ValueError as err:  # a mixture-of-experts layout Mixtral cannot express: the tag names it
+                log.warning("final weights not logged to MLflow (%s); the checkpoint is %s", err, checkpoint)
+                return
+            tracking.log_artifacts(self.run_id, {"model": Path(tmp)})
 
     def _log_adapter(self, checkpoint: Path) -> None:
         """The fine-tune's LoRA adapter as a PEFT folder, an MLflow artifact `adapter/`."""

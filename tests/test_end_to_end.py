@@ -93,7 +93,9 @@ def test_mlflow_run_has_per_step_metrics_and_falling_loss(smoke_run):
     books = evals["val/books/bits_per_byte"][-1].value  # the scored targets' bytes, not the whole book's
     assert 1.0 < books < 8.0, books
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config", "tokenizer", "data", "checkpoint", "curation"} <= artifacts
+    assert {"config", "tokenizer", "data", "model", "curation"} <= artifacts and "checkpoint" not in artifacts
+    model = {a.path for a in client.list_artifacts(run.info.run_id, "model")}  # the weights, not the DCP checkpoint
+    assert {"model/model.safetensors", "model/config.json", "model/tokenizer.model"} <= model
     manifest = json.loads((workdir / "manifest.json").read_text())
     inputs = run.inputs.dataset_inputs
     assert [d.dataset.digest for d in inputs] == [manifest["fingerprint"][:36]]  # lineage: the shards trained on
