@@ -11,7 +11,8 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from athanor import storage
@@ -160,8 +161,11 @@ class Driver:
         self.cfg = cfg
         self.layout = RunLayout.from_workdir(cfg.run.workdir)
         self.force = force
-        init_ray(cfg)
-        self.run_id = tracking.resolve_run(cfg, self.layout)
+        storage.use_endpoint(cfg.data.s3_endpoint_override)  # before the thread below writes to a URI workdir
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-run") as pool:
+            run_id = pool.submit(tracking.resolve_run, cfg, self.layout)  # MLflow's store opens while Ray starts
+            init_ray(cfg)
+            self.run_id = run_id.result()
         self.report = RunReport(self.run_id, tracking.tracking_uri(cfg, self.layout),
                                 tracking.ui_command(cfg, self.layout))
         tracking.log_artifacts(self.run_id, {"config": self._write_resolved_config()})
@@ -219,7 +223,12 @@ class Driver:
         return manifest
 
     def _describe(self) -> None:
-        tracking.describe_run(self.run_id, self.report.markdown(self.cfg.run.name))
+        """The run's description, from what this command did and what earlier ones left in the workdir (`athanor
+        train` alone still describes the curation and data it trains on)."""
+        r = self.report
+        whole = replace(r, curation=r.curation or storage.read_json(self.layout.stats("curation")),
+                        manifest=r.manifest or storage.read_json(self.layout.manifest))
+        tracking.describe_run(self.run_id, whole.markdown(self.cfg.run.name))
 
     def finetune(self):
         """Instruction data packed under <workdir>/sft (skipped when up to date), then the training loop with the

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS, MLFLOW_RUN_NOTE
 
@@ -232,6 +232,19 @@ class StepMetricsLogger:
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
         self.failed: list[tuple[int, str]] = []  # (step, error) of writes that failed since the last flush
+
+    def start(self, params: dict[str, Any]) -> None:
+        """A (re)start of training: the run is RUNNING again; `params` are what only the workers know (the model's
+        parameter counts). The same values on every restart; a changed one is a warning, not a failure."""
+        self.client.update_run(self.run_id, status="RUNNING")
+        try:
+            self.client.log_batch(self.run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
+        except Exception as e:  # noqa: BLE001 - MLflow params are immutable: keep the first values
+            log.warning("MLflow params %s not logged: %s", sorted(params), e)
+
+    def end(self, status: str) -> None:
+        """Training returned: FINISHED, or KILLED when stopped on request (resumable)."""
+        self.client.set_terminated(self.run_id, status)
 
     def log(self, metrics: dict[str, float], step: int, timestamp_ms: int) -> None:
         try:  # the MLflow client has already retried an HTTP store with backoff

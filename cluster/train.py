@@ -192,9 +192,34 @@ def _eval_metrics(model, eval_set: EvalSet, dp_rank: int, dp: int, t: TrainConfi
     return {f"eval/{eval_set.name}/{k}": v for k, v in result.items()}
 
 
+def system_metrics_in_background(tracking_uri: str, run_id: str):
+    """MLflow's system-metrics monitor for this node (CPU, memory, GPU, under `system/`), started in a thread, so
+    that importing MLflow and opening its store (~3 s) is not on the way to the first step; returns `stop()`. (Here,
+    not in athanor.cluster.tracking, whose import is MLflow's.)"""
+    import threading
+
+    started: list = []
+
+    def start() -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=tracking_uri)
+        monitor.start()
+        started.append(monitor)
+
+    thread = threading.Thread(target=start, name="athanor-system-metrics", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        thread.join()
+        for monitor in started:
+            monitor.finish()
+
+    return stop
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: plain PyTorch over a (dp, tp) mesh of all workers."""
-    import mlflow
     import ray.train
     import ray.train.torch
     from athanor.cluster.console import StepConsole, post, quiet_worker_logs
@@ -252,12 +277,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     peak_flops = world * t.peak_tflops * 1e12 if device.type == "cuda" else None  # MFU on GPUs only
     console = StepConsole(objective.name, t.max_steps, t.log_every, tokens_per_step, flops_per_step, peak_flops,
                           started) if rank == 0 else None
-    if logging_rank:
-        mlflow.set_tracking_uri(config["mlflow_uri"])
-        mlflow.start_run(run_id=config["mlflow_run_id"], log_system_metrics=t.system_metrics)
+    stop_system_metrics = None
+    if logging_rank:  # nothing here waits on MLflow: the actor writes, the monitor starts in a thread
         trainable, total = trainable_parameters(model)
-        mlflow.log_params({"model.num_params": model.num_params(), "model.vocab_size_resolved": mcfg.vocab_size,
-                           "model.trainable_params": trainable, "model.total_params": total})
+        metrics_logger.start.remote({"model.num_params": model.num_params(),
+                                     "model.vocab_size_resolved": mcfg.vocab_size,
+                                     "model.trainable_params": trainable, "model.total_params": total})
+        if t.system_metrics:
+            stop_system_metrics = system_metrics_in_background(config["mlflow_uri"], config["mlflow_run_id"])
 
     autocast = training_precision(device)
     if step == 0 and objective.measures_start:  # fine-tuning: where the base model starts, as step 0
@@ -328,8 +355,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _report_with_checkpoint(metrics, model, optimizer, trainer_state, rank, data.tokenizer_model, t)
         if stopping:
             break
-    if logging_rank:
-        mlflow.end_run("KILLED" if step < t.max_steps else "FINISHED")  # KILLED: stopped on request, resumable
+    if stop_system_metrics is not None:
+        stop_system_metrics()
+    if logging_rank:  # KILLED: stopped on request, resumable
+        ray.get(metrics_logger.end.remote("KILLED" if step < t.max_steps else "FINISHED"))
 
 
 def build_parallel_model(mcfg: ModelConfig, t: TrainConfig, device: torch.device, world: int, prepare=None):
