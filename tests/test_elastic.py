@@ -1,7 +1,8 @@
 """Elastic training on a real multi-node Ray cluster (`ray.cluster_utils.Cluster`: a head and worker nodes as separate
-raylets on this machine). The group grows when a node joins, shrinks when it leaves, and a driver stopped by SIGTERM
-or killed, then relaunched with the same run name, resumes; in each case every step trains in effect once, on the
-samples and with the loss of an uninterrupted run, and MLflow holds one run with one continuous step axis."""
+raylets on this machine). The group grows when a node joins, shrinks when it leaves, a driver stopped by SIGTERM or
+killed, then relaunched with the same run name, resumes, and so does a worker killed with SIGKILL; in each case every
+step trains in effect once, on the samples and with the loss of an uninterrupted run, and MLflow holds one run with
+one continuous step axis."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import signal
 import pytest
 from cli_runner import ROOT
 from training_runs import (assert_same_training, effective_steps, finish, fresh_training_dir, records, running,
-                           start_train, wait_for)
+                           start_train, train_workers, wait_for)
 
 from athanor.config import load_config
 
@@ -94,11 +95,19 @@ def test_stopped_or_killed_driver_relaunched_with_the_same_name_resumes_into_the
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     killed_at = max(effective_steps(work))
-    finish(start_train(work))
+    # SIGKILL of one training worker: Ray Train replaces the worker group, which
+    # resumes from the last checkpoint; the steps since are replayed, and count once.
+    second = 2 * SMOKE.train.checkpoint_every
+    with running(start_train(work)) as proc:
+        wait_for(lambda: max(effective_steps(work), default=0) >= second + 5, proc, 400, "a second checkpoint")
+        workers = wait_for(lambda: train_workers(proc.pid), proc, 60, "a training worker to kill")
+        workers[-1].send_signal(signal.SIGKILL)
+    finish(proc)
 
-    starts = [r["step"] for r in records(work) if "started" in r]  # the first step of each launch
-    assert starts == [1, stopped_at + 1, SMOKE.train.checkpoint_every + 1], starts
+    starts = [r["step"] for r in records(work) if "started" in r]  # the first step of each (re)start
+    assert starts == [1, stopped_at + 1, SMOKE.train.checkpoint_every + 1, second + 1], starts
     assert killed_at > starts[2], (starts, killed_at)
+    assert len(records(work)) > len(effective_steps(work)), "no step was replayed: the kill did not interrupt training"
     assert_same_training(work, baseline)
 
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])

@@ -146,31 +146,23 @@ def test_lora_finetuning_lowers_held_out_response_loss_and_checkpoints_adapters_
 
 
 @pytest.mark.slow
-def test_stopped_finetune_resumes_on_one_worker_as_if_uninterrupted(finetune_run, smoke_run, tmp_path):
-    """SIGTERM stops the 2-worker run with a checkpoint of adapters and optimizer state; the relaunch on 1 worker
-    reshards them and trains every later step on the same samples with the same loss."""
+def test_finetune_survives_a_killed_worker_and_a_stop_resumed_on_one_worker(finetune_run, smoke_run, tmp_path):
+    """Two interruptions of one run, each resumed as if uninterrupted: a worker killed mid-run is replaced by Ray
+    Train from the last checkpoint (the base reloaded, adapters and their optimizer state restored); then SIGTERM
+    stops the 2-worker run with a checkpoint, and the relaunch on 1 worker reshards it. Every step trains in effect
+    once, on the samples and with the loss of the uninterrupted run."""
     baseline, _ = finetune_run
     work = tmp_path / "run"
     base = f"finetune.base={smoke_run[0]}"
-    stopped_at = stop_after(work, start_train(work, base, config=FT_CONFIG, command="finetune"),
-                            FT.train.checkpoint_every + 2, "steps past the first checkpoint")
-    finish(start_train(work, base, "train.num_workers=1", config=FT_CONFIG, command="finetune"))
-    starts = [(r["step"], r["world_size"]) for r in records(work) if "started" in r]
-    assert starts == [(1, 2), (stopped_at + 1, 1)], starts
-    assert_same_training(work, baseline)
-
-
-@pytest.mark.slow
-def test_sigkilled_finetune_worker_resumes_without_skipping_or_repeating_samples(finetune_run, smoke_run, tmp_path):
-    """Ray Train replaces a worker killed mid-run from the last checkpoint: the base reloaded, the adapters and their
-    optimizer state restored, every step trained once in effect, as in the uninterrupted run."""
-    baseline, _ = finetune_run
-    work = tmp_path / "run"
-    with running(start_train(work, f"finetune.base={smoke_run[0]}", config=FT_CONFIG, command="finetune")) as proc:
-        wait_for(lambda: max(effective_steps(work), default=0) >= FT.train.checkpoint_every + 3, proc, 400,
-                 "steps past the first checkpoint")
+    every = FT.train.checkpoint_every
+    with running(start_train(work, base, config=FT_CONFIG, command="finetune")) as proc:
+        wait_for(lambda: max(effective_steps(work), default=0) >= every + 3, proc, 400, "steps past a checkpoint")
         workers = wait_for(lambda: train_workers(proc.pid), proc, 60, "a training worker to kill")
         workers[-1].send_signal(signal.SIGKILL)
-    finish(proc)
+        wait_for(lambda: sum("started" in r for r in records(work)) == 2, proc, 400, "the replaced worker group")
+    stopped_at = stop_after(work, proc, 2 * every + 2, "steps past the second checkpoint")
+    finish(start_train(work, base, "train.num_workers=1", config=FT_CONFIG, command="finetune"))
+    starts = [(r["step"], r["world_size"]) for r in records(work) if "started" in r]
+    assert starts == [(1, 2), (every + 1, 2), (stopped_at + 1, 1)], starts
     assert len(records(work)) > len(effective_steps(work)), "no step was replayed: the kill did not interrupt training"
     assert_same_training(work, baseline)
