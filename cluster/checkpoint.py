@@ -187,6 +187,31 @@ def find_checkpoint(path: str | Path) -> Path:
     return max(found, key=lambda d: (read_trainer_state(d)["step"], d.name))
 
 
+def newest_trainer_state(folder: storage.Location) -> dict | None:
+    """The trainer state of the newest complete checkpoint under `folder` (local or a URI), read without fetching
+    its weights; None when there is none."""
+    if not storage.exists(folder):
+        return None
+    states = [f for f in storage.glob(folder, TRAINER_STATE_FILE, recursive=True)
+              if f.parent.name.startswith("checkpoint_") and storage.is_file(f.parent / DCP_METADATA)]
+    return max((storage.read_json(f) for f in states), key=lambda s: s["step"], default=None)
+
+
+def resume_problem(state: dict, manifest: dict) -> str | None:
+    """Why a run cannot resume from a checkpoint with trainer `state` on the data of `manifest`, or None.
+
+    Checked by the driver before training starts: a restart cannot fix these, so with `train.max_failures` at -1 the
+    worker group would fail and restart for ever (the loader refuses other shards, DCP other shapes)."""
+    saved = (state.get("loader") or {}).get("fingerprint")
+    now = manifest["splits"]["train"]["fingerprint"]
+    if saved and saved != now:
+        return (f"it trained on train shards {saved[:16]}..., the manifest now names {now[:16]}... (re-tokenized or "
+                "re-curated): resuming would silently change the data order")
+    if state.get("seq_len") not in (None, manifest["seq_len"]):
+        return f"it trained on sequences of {state['seq_len']} tokens, the shards now hold {manifest['seq_len']}"
+    return None
+
+
 def _fetch_newest(root: storage.Uri) -> Path:
     """The newest checkpoint under a URI (by step), fetched into the node-local cache."""
     states = [f for f in storage.glob(root, TRAINER_STATE_FILE, recursive=True)

@@ -287,16 +287,20 @@ class Driver:
         return describe(base)
 
     def train(self, objective: str = "pretrain", data: RunLayout | None = None):
+        from .checkpoint import newest_trainer_state, resume_problem
         from .stop import TrainingStopped
         from .train import run_training
 
         data = data or self.layout
         manifest = json.loads(storage.read_bytes(data.manifest))
+        previous = self.layout.checkpoints / self.cfg.run.name
         if self.force:  # as every stage: --force runs it again, so training starts over instead of resuming
-            previous = self.layout.checkpoints / self.cfg.run.name
             if storage.exists(previous):
                 log.warning("--force: deleting this run's checkpoints in %s; training starts at step 0", previous)
                 storage.delete_tree(previous)
+        elif (state := newest_trainer_state(previous)) and (why := resume_problem(state, manifest)):
+            raise ConfigError(f"run {self.cfg.run.name} cannot resume from its checkpoint of step {state['step']} in "
+                              f"{previous}: {why}. Start over with --force, or train under a new run.name")
         tracking.log_dataset(self.run_id, data.manifest, manifest)
         t0 = time.perf_counter()
         result, stopped_by = run_training(self.cfg, self.layout, self.run_id, self.report.tracking_uri, objective)

@@ -143,3 +143,22 @@ def test_tampered_metadata_is_refused_without_running_it(checkpoint_2d, tmp_path
     with pytest.raises(CheckpointError, match="refers to posix.system, which is not DCP metadata"):
         load_model(tampered)
     assert not marker.exists()
+
+
+def test_a_checkpoint_of_other_data_is_refused_before_training_starts(smoke_run, tmp_path):
+    """What a restart cannot fix is found on the driver, before any worker starts: resuming on re-tokenized shards
+    (another fingerprint) or another sequence length, which would otherwise fail every restart of the worker group."""
+    import json
+
+    from athanor.cluster.checkpoint import newest_trainer_state, resume_problem
+
+    work, _ = smoke_run
+    state = newest_trainer_state(work / "checkpoints")
+    manifest = json.loads((work / "manifest.json").read_text())
+    assert state["step"] == max(read_trainer_state(d)["step"] for d in (work / "checkpoints").glob("*/checkpoint_0*"))
+    assert resume_problem(state, manifest) is None
+    retokenized = json.loads(json.dumps(manifest))
+    retokenized["splits"]["train"]["fingerprint"] = "0" * 64
+    assert "re-tokenized" in resume_problem(state, retokenized)
+    assert "sequences of" in resume_problem(state, {**manifest, "seq_len": manifest["seq_len"] * 2})
+    assert newest_trainer_state(tmp_path) is None and newest_trainer_state(tmp_path / "absent") is None
