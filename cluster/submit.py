@@ -124,11 +124,26 @@ def build_entrypoint(config: str, overrides: list[str], stage: str = "run", forc
     return "python -m athanor.cluster.cli " + shlex.join(args + (["--verbose"] if verbose else []))
 
 
-def _project_and_config(config: str, working_dir: str | None) -> tuple[Path, str]:
+def is_checkout(folder: Path) -> bool:
+    return (folder / "pyproject.toml").is_file() and (folder / "cluster" / "cli.py").is_file()
+
+
+def _project_and_config(config: str, working_dir: str | None, pip: bool = False) -> tuple[Path, str]:
+    """(the job's working_dir, the config's path inside it). From a source checkout the project folder travels, so
+    the job runs this code; from an installed athanor (a wheel, no checkout) only the config's folder travels and the
+    job runs the athanor installed on the cluster (the image's)."""
     project = Path(working_dir or ".").resolve()
-    if not (project / "pyproject.toml").is_file() or not (project / "cluster" / "cli.py").is_file():
-        raise SubmitError(f"{project} is not the athanor project folder (no pyproject.toml and cluster/cli.py): "
-                          "run from the project folder or pass --working-dir")
+    if not is_checkout(project):
+        if working_dir:
+            raise SubmitError(f"--working-dir {project} is not the athanor project folder (no pyproject.toml and "
+                              "cluster/cli.py)")
+        if pip:
+            raise SubmitError("--pip installs the project's dependencies from its pyproject.toml: run from the "
+                              "project folder, or leave --pip out to use the athanor installed on the cluster")
+        path = Path(config).resolve()
+        if not path.is_file():
+            raise SubmitError(f"config {config} not found")
+        return path.parent, path.name
     path = Path(config).resolve()
     try:
         rel = path.relative_to(project)
@@ -150,7 +165,7 @@ def submit(config: str, overrides: list[str], address: str | None, env_names: li
     if "://" not in workdir and not Path(workdir).expanduser().is_absolute():
         raise SubmitError(f"run.workdir '{workdir}' is relative: on the cluster it would land in the job's temporary "
                           "working_dir; give a shared URI or path, e.g. --set run.workdir=s3://bucket/runs/name")
-    project, rel_config = _project_and_config(config, working_dir)
+    project, rel_config = _project_and_config(config, working_dir, pip)
     runtime_env = build_runtime_env(project, env_names, pip)
     jobs = client(address)
     try:

@@ -429,3 +429,33 @@ def test_ray_tasks_get_s3_settings_but_never_keys(monkeypatch):
     monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
     monkeypatch.delenv("AWS_NO_SIGN_REQUEST", raising=False)
     assert storage.ray_env() == {"AWS_REGION": "eu-west-1", "AWS_ENDPOINT_URL": "http://minio:9000"}
+
+
+def test_an_installed_wheel_submits_without_a_checkout(tmp_path):
+    """Built and installed as a wheel, athanor runs from any folder: its three subpackages import from the install
+    (and the source tree's tests/ and bench/ are no athanor modules), and `athanor submit` outside a checkout ships
+    only the config's folder, for the athanor installed on the cluster."""
+    root = Path(__file__).resolve().parent.parent
+    wheels, site, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                    str(root)], check=True, capture_output=True, timeout=300)
+    [wheel] = wheels.glob("athanor-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    elsewhere.mkdir()
+    (elsewhere / "mine.yaml").write_text((root / "configs" / "smoke.yaml").read_text())
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    probe = ("import athanor.cluster.cli as c, athanor.pipelines.read as r, athanor.model.transformer as t\n"
+             "print(c.__file__, r.__file__, t.__file__)\n"
+             "try:\n    import athanor.tests\nexcept ImportError:\n    print('no athanor.tests')\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert all(p.startswith(str(site)) for p in out.stdout.split()[:3]), out.stdout
+    assert "no athanor.tests" in out.stdout
+    closed = f"http://127.0.0.1:{free_port()}"
+    proc = subprocess.run([sys.executable, "-m", "athanor.cluster.cli", "submit", "mine.yaml", "--set",
+                           f"run.workdir={tmp_path / 'run'}", "--address", closed], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"cannot reach the Ray job server at {closed}" in proc.stderr, proc.stderr[-2000:]
+    assert "not the athanor project folder" not in proc.stderr
