@@ -21,7 +21,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import ray
 import torch
 
 from athanor.cluster.loader import GlobalBatchLoader
@@ -32,12 +31,15 @@ from athanor.model import attention
 from athanor.model.flops import flops_per_token
 from athanor.model.presets import preset
 from athanor.model.transformer import Transformer
-from athanor.pipelines.pack import pack_shards
 from athanor.pipelines.shards import TokenShards
 
 
 def pack(curated: Path, tokenizer: Path, seq_len: int, workdir: Path) -> TokenShards:
     """The curated corpus as train shards of seq_len + 1 tokens, packed by the project's own pack stage."""
+    import ray  # only to pack: with --shards (bench/gpu_check.sh on a GPU machine without Ray) it is not needed
+
+    from athanor.pipelines.pack import pack_shards
+
     layout = RunLayout.from_workdir(workdir)
     shutil.copytree(curated, layout.curated("final"))
     layout.tokenizer_dir.mkdir(parents=True)
@@ -93,6 +95,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--curated", type=Path, default=Path("runs/demo/curated/final"))
     parser.add_argument("--tokenizer", type=Path, default=Path("runs/demo/tokenizer/tokenizer.model"))
+    parser.add_argument("--shards", type=Path, default=None,
+                        help="a workdir already packed at --seq-len (bench/gpu_check.sh --prepare makes one): no "
+                             "packing, no Ray")
     parser.add_argument("--presets", nargs="+", default=["350m", "1b"])
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=8)
@@ -106,7 +111,7 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: pass --device cpu to check the script on CPU")
-    for path in (args.curated, args.tokenizer):
+    for path in (args.curated, args.tokenizer) if args.shards is None else (args.shards / "manifest.json",):
         if not path.exists():
             raise SystemExit(f"{path} not found: run `athanor run configs/demo.yaml` or pass --curated/--tokenizer")
 
@@ -118,7 +123,8 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     rows = {}  # (preset, compiled, checkpointed, backend) -> measurement, None for OOM
     with tempfile.TemporaryDirectory() as tmp:
-        shards = pack(args.curated, args.tokenizer, args.seq_len, Path(tmp))
+        shards = (TokenShards(args.shards, "train") if args.shards is not None
+                  else pack(args.curated, args.tokenizer, args.seq_len, Path(tmp)))
         print(f"\n{gpu}, torch {torch.__version__}, seq_len {args.seq_len}, micro-batch {args.micro_batch}, "
               f"{len(shards)} real sequences, {args.steps} timed steps after {args.warmup}\n")
         for name in args.presets:
