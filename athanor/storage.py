@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -30,6 +31,16 @@ import pyarrow.fs as pafs
 # Where the store is and how to reach it, never who signs in: the only AWS_* variables the driver passes to Ray tasks.
 AWS_SETTINGS = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_NO_SIGN_REQUEST")
 SCHEMES = ("s3", "gs")
+# Requests to S3 are retried with the AWS SDK's standard backoff: a random wait of up to 1, 2, 4, ... s (at most 20 s)
+# after each failed attempt that can pass (5xx, SlowDown throttling, a connection reset or timeout; not a 403 or 404),
+# with a client-wide retry quota so a store that is down fails fast. S3 answers a burst of requests on one prefix with
+# 503 SlowDown while it scales, for seconds to a minute: eight attempts wait through up to about 70 s (35 s on
+# average) before the error reaches the caller, and a read then fails its task rather than lose the file
+# (pipelines/read.py). The SDK's own default, 3 attempts, gives up after 3 s at most.
+S3_RETRY_ATTEMPTS = 8
+# GCS: pyarrow retries transient errors with google-cloud-cpp's exponential backoff until this much time has passed
+# (its default, 15 minutes per request, stalls a task for a quarter of an hour on a store that is down).
+GCS_RETRY_TIME_LIMIT = timedelta(minutes=2)
 
 
 class Uri(str):
@@ -69,11 +80,18 @@ def location(where: str | Path) -> Location:
     return Uri(where.rstrip("/"))
 
 
-@functools.lru_cache(maxsize=4)
 def s3_filesystem(endpoint: str | None) -> pafs.S3FileSystem:
-    """S3 (or an S3-compatible server at `endpoint`): keys from the AWS_* environment, else the cloud role."""
+    """S3 (or an S3-compatible server at `endpoint`): keys from the AWS_* environment, else the cloud role; requests
+    retried with backoff up to `S3_RETRY_ATTEMPTS` times."""
+    return _s3_filesystem(endpoint, S3_RETRY_ATTEMPTS)
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_filesystem(endpoint: str | None, attempts: int) -> pafs.S3FileSystem:
     env = os.environ
+    # Note: pickling an S3FileSystem (as a Ray task argument) keeps no retry strategy: the copy retries 3 times.
     kwargs = {"endpoint_override": endpoint} if endpoint else {}
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)
     if region := env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):
         kwargs["region"] = region
     if "AWS_ACCESS_KEY_ID" in env:
@@ -89,7 +107,7 @@ def s3_filesystem(endpoint: str | None) -> pafs.S3FileSystem:
 def _gcs() -> pafs.FileSystem:
     if not hasattr(pafs, "GcsFileSystem"):
         raise RuntimeError("gs:// needs a pyarrow built with GCS support (pyarrow.fs.GcsFileSystem)")
-    return pafs.GcsFileSystem()
+    return pafs.GcsFileSystem(retry_time_limit=GCS_RETRY_TIME_LIMIT)
 
 
 def filesystem(where: str | Path, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:

@@ -4,10 +4,15 @@ One Ray read task per WARC/JSONL/Parquet file (and one per group of HTML files),
 blocks bounded in rows and bytes, so memory stays bounded by a block, not by a file. Every record leaves the reader as
 a row: a document (`html` bytes, or `text` for JSONL/Parquet records, `drop_reason` None) or a named drop
 (`warc_not_response`, `warc_revisit`, `warc_not_html`, `empty_html`, `empty_text`, `too_large`, `binary_content`,
-`undecodable`, `bad_json`, `missing_text`). A file that breaks mid-way keeps the records read before the break and adds
-one file-level quarantine row (`warc_truncated`, `warc_invalid`, `parquet_invalid`, `unreadable_file`) with `offset`
--1; so do a file with no records (`empty_file`) and a Parquet file without the text column (`bad_schema`): a broken
-input is counted, never a traceback.
+`undecodable`, `bad_json`, `missing_text`). A malformed file keeps the records read before the break and adds one
+file-level quarantine row (`warc_truncated`, `warc_invalid`, `parquet_invalid`, `unreadable_file`) with `offset` -1;
+so do a file with no records (`empty_file`) and a Parquet file without the text column (`bad_schema`): a broken input
+is counted, never a traceback.
+
+A storage that fails to deliver a listed file (a network error, a 5xx still there after the S3 client's retries with
+backoff, access denied) is not the file's fault: the reader raises `StorageReadError`, naming the file, which fails
+the read task and so the stage, before anything of it is committed; a rerun reads the file again. Counting it as a
+drop would lose the file for good, since a committed stage is never redone.
 
 Files are opened through pyarrow filesystems; `s3://` goes to `data.s3_endpoint_override` or $AWS_ENDPOINT_URL, with
 credentials taken from the AWS_* environment variables only (forwarded from the driver to the read tasks).
@@ -53,6 +58,7 @@ HTML_FILES_PER_TASK = 32
 HTML_SUFFIXES = (".html", ".htm")
 HTML_CONTENT_TYPES = ("text/html", "application/xhtml+xml")
 SKIP_CHUNK = 2**20  # a dropped WARC payload or the rest of an over-long JSONL line is read through this much at a time
+COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}  # JSONL and text files, by extension
 
 
 def doc_id_for(source: str, offset: int, record_id: str | None = None) -> str:
@@ -72,9 +78,93 @@ def filesystem_for(uri: str, data: DataConfig) -> tuple[pafs.FileSystem, str]:
     return storage.filesystem(uri, data.s3_endpoint_override)
 
 
-def html_file_rows(uri: str, data: DataConfig = DataConfig()) -> Iterator[dict]:
+class StorageReadError(RuntimeError):
+    """The storage did not deliver a listed file's bytes (network, 5xx after the client's retries, access denied): an
+    error of the storage, not of the file, so it fails the read task instead of becoming a drop. Not an OSError, so
+    the parsers' `except OSError` (their way of saying "malformed file") never takes it for one."""
+
+    def __init__(self, uri: str, cause: object):
+        super().__init__(uri, str(cause))  # plain args: the error pickles back to the driver as it was raised
+        self.uri = uri
+
+    def __str__(self) -> str:
+        return (f"reading {self.uri} failed in storage: {self.args[1]} (a storage error, not a malformed file: the "
+                "task fails instead of dropping it; rerun once the storage answers)")
+
+
+def _storage_call(uri: str, call: Callable, *args, gone_is_final: bool = False):
+    """`call(*args)` with an OSError of the storage re-raised as StorageReadError. With `gone_is_final` (opening a
+    file), FileNotFoundError passes as it is: a file listed but gone before it is read stays gone on a rerun (S3 lists
+    and reads consistently), so file_rows counts it as `unreadable_file`. One that vanishes mid-read fails the task
+    like any storage error, and the rerun counts it."""
+    try:
+        return call(*args)
+    except FileNotFoundError as e:
+        if gone_is_final:
+            raise
+        raise StorageReadError(uri, f"deleted while it was read ({e})") from e
+    except OSError as e:
+        raise StorageReadError(uri, e) from e
+
+
+class _StorageFile(io.RawIOBase):
+    """A file opened on storage whose I/O errors come out as StorageReadError. The parsers read through it (fastwarc
+    and pyarrow hand a Python file's exception back unchanged, tested in tests/test_read_retry.py), so the OSError
+    they raise themselves is left to mean a malformed file: not a WARC, a corrupt gzip member or Parquet page."""
+
+    def __init__(self, uri: str, raw: pa.NativeFile):
+        super().__init__()
+        self.uri, self._raw = uri, raw
+
+    def read(self, size: int | None = -1) -> bytes:
+        return _storage_call(self.uri, self._raw.read, None if size is None or size < 0 else size)
+
+    def readall(self) -> bytes:
+        return self.read()
+
+    def readinto(self, buffer) -> int:
+        return _storage_call(self.uri, self._raw.readinto, buffer)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return _storage_call(self.uri, self._raw.seek, offset, whence)
+
+    def tell(self) -> int:
+        return _storage_call(self.uri, self._raw.tell)
+
+    def size(self) -> int:
+        return _storage_call(self.uri, self._raw.size)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self._raw.seekable()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+def _open(uri: str, data: DataConfig, random_access: bool = True) -> _StorageFile:
+    """A listed input file, read through _StorageFile (a stream when random access is not needed)."""
     fs, path = filesystem_for(uri, data)
-    with fs.open_input_file(path) as f:
+    if random_access:
+        return _StorageFile(uri, _storage_call(uri, fs.open_input_file, path, gone_is_final=True))
+    # compression None: the stored bytes (pyarrow would otherwise decompress by the file name, out of our reach)
+    return _StorageFile(uri, _storage_call(uri, fs.open_input_stream, path, None, gone_is_final=True))
+
+
+def _open_decompressed(uri: str, data: DataConfig):
+    """A stream of the file's content, decompressed as its extension says (.gz, .bz2, .zst, .lz4, as pyarrow's
+    compression="detect"): the decompressor's own OSError (a corrupt stream) stays an OSError, of the file."""
+    raw = _open(uri, data, random_access=False)
+    codec = COMPRESSION.get(os.path.splitext(uri)[1].lower())
+    return pa.CompressedInputStream(raw, codec) if codec else raw
+
+
+def html_file_rows(uri: str, data: DataConfig = DataConfig()) -> Iterator[dict]:
+    with _open(uri, data) as f:
         if f.size() > data.max_record_bytes:
             yield _row(uri, 0, reason="too_large")
             return
@@ -105,8 +195,7 @@ def _skip(reader) -> int:
 
 def warc_rows(uri: str, data: DataConfig = DataConfig()) -> Iterator[dict]:
     """Rows for every record of one WARC file, streamed: a dropped record's payload is skipped, never held."""
-    fs, path = filesystem_for(uri, data)
-    with fs.open_input_file(path) as f:
+    with _open(uri, data) as f:
         try:
             for record in ArchiveIterator(f, parse_http=True):
                 url = record.headers.get("WARC-Target-URI")
@@ -119,7 +208,8 @@ def warc_rows(uri: str, data: DataConfig = DataConfig()) -> Iterator[dict]:
                 if reason is None and not payload.strip():
                     reason, payload = "empty_html", None
                 yield _row(uri, record.stream_pos, url, payload, reason)
-        except OSError:  # not a WARC (e.g. an ARC file), a corrupt gzip member, or a malformed header
+        except OSError:  # not a WARC (e.g. an ARC file), a corrupt gzip member, or a malformed header; an error of the
+            # storage comes as StorageReadError, which fastwarc passes on (it does not end the stream as if truncated)
             yield _row(uri, FILE_LEVEL_OFFSET, reason="warc_invalid")
 
 
@@ -139,9 +229,8 @@ def _text_row(source: str, offset: int, record, data: DataConfig) -> dict:
 
 def jsonl_rows(uri: str, data: DataConfig = DataConfig()) -> Iterator[dict]:
     """One row per non-blank line; a line longer than `max_record_bytes` is skipped through, never held whole."""
-    fs, path = filesystem_for(uri, data)
     limit = data.max_record_bytes
-    with fs.open_input_stream(path, compression="detect") as raw:
+    with _open_decompressed(uri, data) as raw:
         lines = io.BufferedReader(raw, SKIP_CHUNK)
         number = 0
         while line := lines.readline(limit + 1):
@@ -168,8 +257,7 @@ def _json_line_row(source: str, number: int, line: bytes, data: DataConfig) -> d
 
 def parquet_rows(uri: str, data: DataConfig = DataConfig()) -> Iterator[dict]:
     """One row per Parquet row, read a batch at a time and only the text/id/url columns."""
-    fs, path = filesystem_for(uri, data)
-    with fs.open_input_file(path) as f:
+    with _open(uri, data) as f:
         if f.size() == 0:
             return
         try:
@@ -185,20 +273,20 @@ def parquet_rows(uri: str, data: DataConfig = DataConfig()) -> Iterator[dict]:
                 for record in batch.to_pylist():
                     yield _text_row(uri, offset, record, data)
                     offset += 1
-        except (pa.ArrowInvalid, OSError):  # not Parquet, or a corrupt page or footer
+        except (pa.ArrowInvalid, OSError):  # not Parquet, or a corrupt page or footer (storage: StorageReadError)
             yield _row(uri, FILE_LEVEL_OFFSET, reason="parquet_invalid")
 
 
 def text_file_rows(uri: str, data: DataConfig = DataConfig()) -> Iterator[dict]:
     """A plain-text file as one document (a book, an article): UTF-8 or an `undecodable` drop."""
     fs, path = filesystem_for(uri, data)
-    info = fs.get_file_info(path)
+    info = _storage_call(uri, fs.get_file_info, path, gone_is_final=True)
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(path)  # counted by file_rows as unreadable_file
     if info.size > data.max_record_bytes:
         yield _row(uri, 0, reason="too_large")
         return
-    with fs.open_input_stream(path, compression="detect") as f:
+    with _open_decompressed(uri, data) as f:
         raw = f.read()
     try:
         text = raw.decode("utf-8")
@@ -224,7 +312,8 @@ def file_rows(kind: str, uri: str, data: DataConfig = DataConfig()) -> Iterator[
             kept += row["drop_reason"] is None
             if kept == data.max_docs_per_source:
                 return
-    except OSError:  # missing, unreadable, or gone from object storage between listing and reading
+    except OSError:  # gone between listing and reading (FileNotFoundError), or a compressed JSONL/text file that does
+        # not decompress: errors of the file. The storage's own errors are StorageReadError and fail the task.
         seen += 1
         yield _row(uri, FILE_LEVEL_OFFSET, reason="unreadable_file")
     if not seen:
