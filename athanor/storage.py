@@ -94,12 +94,11 @@ def _s3_filesystem(endpoint: str | None, attempts: int) -> pafs.S3FileSystem:
     kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)
     if region := env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):
         kwargs["region"] = region
-    if "AWS_ACCESS_KEY_ID" in env:
-        kwargs.update(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env.get("AWS_SECRET_ACCESS_KEY"),
-                      session_token=env.get("AWS_SESSION_TOKEN"))
-    elif env.get("AWS_NO_SIGN_REQUEST", "").lower() in ("1", "true", "yes"):
+    if "AWS_ACCESS_KEY_ID" not in env and env.get("AWS_NO_SIGN_REQUEST", "").lower() in ("1", "true", "yes"):
         kwargs["anonymous"] = True  # public buckets, as the AWS CLI's --no-sign-request
-    # else: the AWS SDK's default chain, i.e. the cloud role (EC2 instance profile, EKS IRSA web identity, ECS task)
+    # Keys are never passed in: the AWS SDK's default chain reads them where the filesystem is used (the AWS_*
+    # environment, else the cloud role: EC2 instance profile, EKS IRSA web identity, ECS task). Passed in, they would
+    # be pickled with the filesystem into every Ray task it is handed to (Ray Train's storage, Parquet reads).
     return pafs.S3FileSystem(**kwargs)
 
 

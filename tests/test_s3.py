@@ -71,3 +71,19 @@ def test_read_crawl_on_ray_from_s3_equals_local(s3_endpoint, bucket, local_input
     assert all(r["source"].startswith("s3://") for r in from_s3)
     assert Counter(r["drop_reason"] for r in from_s3)[None] == PAGES + 18 + 300
     assert _documents(from_s3) == _documents(from_disk)
+
+
+def test_a_filesystem_handed_to_ray_tasks_carries_no_key(s3_endpoint, bucket, local_inputs):
+    """The S3 filesystem is pickled into the Ray tasks it is given to (Ray Train's storage, Parquet reads): it must
+    not hold the driver's keys; each node's AWS SDK reads its own. It still reads the bucket."""
+    import os
+    import pickle
+
+    from athanor import storage
+
+    fs = storage.s3_filesystem(s3_endpoint)
+    blob = pickle.dumps(fs)
+    assert os.environ["AWS_SECRET_ACCESS_KEY"].encode() not in blob
+    assert os.environ["AWS_ACCESS_KEY_ID"].encode() not in blob
+    copy = pickle.loads(blob)
+    assert copy.get_file_info(bucket.removeprefix("s3://")).type.name == "Directory"
