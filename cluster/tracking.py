@@ -5,9 +5,9 @@ workers; only rank 0 logs from there, its per-step metrics through a `StepMetric
 server the store is SQLite inside the run's workdir; a URI workdir (s3://, gs://) cannot hold SQLite, so it needs
 `mlflow.tracking_uri` (a server every node reaches).
 
-What a user sees first is chosen here. MLflow's run page ("Model metrics") draws one section per key prefix before
-the first "/", the sections in code-point order and the keys without a prefix last, and sorts a section's charts by
-key. So the curves a run is opened for get the section that sorts first, `train/`, whose first keys are `loss`, `lr`
+What a user sees first is chosen here. MLflow's run page ("Model metrics") draws one section per key path before
+its last "/" (`val/books/loss` is in `val/books`), the sections in code-point order and the keys without one last,
+and sorts a section's charts by key. So the curves a run is opened for get the section that sorts first, `train/`, whose first keys are `loss`, `lr`
 and `val_loss`; the trainer's own figures follow in `trainer/`, held-out sets in `val/`. Curation counts are not
 metrics (forty bar charts of one value each): they are a table artifact, `curation/counts.json`, and the run's
 description, which says what the run did (see `describe_run`). Not child runs per stage: the pipeline's stages, its

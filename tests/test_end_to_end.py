@@ -11,11 +11,11 @@ from athanor.cluster import tracking
 
 
 def mlflow_chart_order(keys) -> list[str]:
-    """The charts of MLflow 3's run page (Model metrics) in page order: one section per key prefix before the first
-    "/", sections in code-point order, unprefixed keys last, a section's charts sorted by key (read from its UI
+    """The charts of MLflow 3's run page (Model metrics) in page order: one section per key path before its last
+    "/", sections in code-point order, keys without one last, a section's charts sorted by key (read from its UI
     bundle; scripts/mlflow_screenshot.py checks the drawn page in Chromium)."""
     def section(k: str) -> tuple[int, str]:
-        return (0, k.split("/")[0]) if "/" in k else (1, "")
+        return (0, k.rsplit("/", 1)[0]) if "/" in k else (1, "")
 
     return sorted(keys, key=lambda k: (section(k), k))
 
