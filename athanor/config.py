@@ -347,6 +347,10 @@ class TrainConfig(_Section):
     data_parallel: Literal["fsdp", "ddp"] = "fsdp"
     activation_checkpointing: bool = False
     compile: bool = False
+    # Forward precision: bf16 trains fp32 weights with bf16 compute (FSDP2 all-gathers bf16 parameters and
+    # reduce-scatters gradients in fp32, torchtitan's MixedPrecisionPolicy; DDP and one worker use bf16 autocast),
+    # fp32 computes in fp32; auto is bf16 on GPUs and fp32 on CPU. Evaluation runs the same forward.
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
     async_checkpoint: bool = True  # upload checkpoints to storage in the background (Ray Train's ASYNC mode)
     global_batch_size: int = Field(16, ge=1)  # sequences per optimizer step, whatever the worker count
     micro_batch_size: int = Field(8, ge=1)  # sequences per worker per forward pass (gradient accumulation fills the rest)

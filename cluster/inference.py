@@ -121,9 +121,20 @@ def load_for_inference(path: str | Path, device: str | None = None, bf16_weights
     return InferenceModel(model.eval(), cfg, tokenizer, source.directory, source.context, source.step)
 
 
-def training_precision(device: torch.device):
-    """The training loop's precision context: bf16 autocast over fp32 weights on a GPU, plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def compute_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+    """train.mixed_precision for a device: bf16 or fp32 as set; auto is bf16 on a GPU, fp32 on CPU."""
+    bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def training_precision(device: torch.device, mixed_precision: str = "auto", fsdp: bool = False):
+    """The training loop's forward precision. Train steps and evaluation both run their forward under it (so `loss`
+    and `val_loss` are one computation) and the backward outside it (PyTorch's AMP recipe). In bf16: autocast over
+    fp32 weights, or nothing for an FSDP2 model (`fsdp`), whose MixedPrecisionPolicy already all-gathers bf16
+    parameters (cluster/parallelize.py); in fp32: nothing."""
+    if compute_dtype(mixed_precision, device) == torch.float32 or fsdp:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 class WindowScorer:

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from athanor.config import AthanorConfig, ModelConfig
 from athanor.layout import RunLayout
-from athanor.model.transformer import IGNORE_INDEX
+from athanor.model.transformer import IGNORE_INDEX, token_nll
 from athanor.storage import Location
 
 
@@ -99,8 +98,7 @@ class FineTuning(Pretraining):
         """Summed response-token loss of this micro-batch over the global batch's response tokens, times dp
         (data parallelism averages gradients over dp ranks): the global batch's mean response-token loss."""
         logits = model(batch["input_ids"][sl], document_ids=batch["document_ids"][sl])
-        ce = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"][sl].flatten(), ignore_index=IGNORE_INDEX,
-                             reduction="sum")
+        ce = token_nll(logits, batch["targets"][sl], "sum")
         return ce * dp / max(int(batch["global_targets"]), 1)
 
     def trainer_state(self) -> dict:
@@ -174,10 +172,13 @@ class PreferenceOptimization(FineTuning):
         """The reference's log-probs of these rows: the base with the adapters off, or the frozen copy."""
         from athanor.model.lora import adapters_disabled
 
+        from .inference import training_precision
+
         with torch.no_grad():
-            if self._reference_model is not None:
+            if self._reference_model is not None:  # a plain model: the loop's precision as a model without FSDP2 has it
                 self._reference_model.to(input_ids.device)
-                return self._logps(self._reference_model, input_ids, targets)
+                with training_precision(input_ids.device, self.cfg.train.mixed_precision):
+                    return self._logps(self._reference_model, input_ids, targets)
             with adapters_disabled(model):
                 return self._logps(model, input_ids, targets)
 
@@ -220,7 +221,7 @@ class PreferenceOptimization(FineTuning):
         from athanor.model.scoring import score_windows
 
         from .inference import training_precision
-        from .train import rank_share
+        from .train import forward_precision, rank_share, vocab_parallel
 
         if self._val is None:  # memory-mapped once, with its reference log-probs
             self._val = self.dataset(self._root, "val")
@@ -243,12 +244,13 @@ class PreferenceOptimization(FineTuning):
             return values.view(-1, 2).double()
 
         device = next(model.parameters()).device
-        with training_precision(device):  # the loop's precision, in which the stored reference was scored too
+        with forward_precision(model, t), vocab_parallel(t):  # the training step's forward
             policy = logps(model)
             if val.reference is not None:
                 ref = torch.from_numpy(val.reference[padded]).double()
-            elif self._reference_model is not None:
-                ref = logps(self._reference_model.to(device))
+            elif self._reference_model is not None:  # a plain model: the loop's precision without FSDP2, as the
+                with training_precision(device, t.mixed_precision):  # stored reference was scored (WindowScorer)
+                    ref = logps(self._reference_model.to(device))
             else:
                 with adapters_disabled(model):
                     ref = logps(model)

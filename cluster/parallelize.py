@@ -8,7 +8,14 @@ split by output features (colwise), attention's and the MLP's output projections
 each block does one all-reduce after attention and one after the MLP, and every rank holds n_heads / tp query heads
 and n_kv_heads / tp key/value heads (Attention reshapes with -1 heads, so nothing else changes). The embedding is
 split by vocabulary rows and the head by vocabulary columns, both Shard(0) of the same [vocab, dim] matrix, so a tied
-embedding stays tied; the logits are all-gathered so the loss sees the whole vocabulary.
+embedding stays tied. With `loss_parallel` (training's choice, as torchtitan's default) the head's output stays a
+DTensor sharded by vocabulary (Shard(-1)) and cross-entropy runs on the shards under
+torch.distributed.tensor.parallel.loss_parallel(), which must also cover the backward: no rank ever holds the whole
+vocabulary's logits (`Transformer.loss`, `token_nll`). Without it the logits are all-gathered into a plain tensor.
+
+Mixed precision (FSDP2's MixedPrecisionPolicy, as torchtitan): the sharded parameters stay fp32 (the optimizer's
+master weights), each block all-gathers them cast to `param_dtype` (bf16 in training on GPUs) and the forward and
+backward compute in it; gradients are reduce-scattered in `reduce_dtype` (fp32) into fp32 sharded gradients.
 
 LoRA (athanor.model.lora): a wrapped projection is sharded as its base would be and its adapters split to match
 (`_linear_plan`). Frozen and trainable parameters may share an FSDP2 block: fully_shard all-gathers both and
@@ -21,8 +28,8 @@ import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import Replicate
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from athanor.config import ModelConfig
@@ -38,11 +45,15 @@ def parallelize(
     fsdp: bool = False,
     activation_checkpointing: bool = False,
     compile: bool = False,
+    loss_parallel: bool = False,
+    param_dtype: torch.dtype = torch.float32,
+    reduce_dtype: torch.dtype = torch.float32,
 ) -> Transformer:
     """Apply the chosen techniques in place and return the model.
 
     `mesh` is 1-D for TP alone or FSDP alone, or 2-D with dims named ("dp", "tp") (each technique then uses its own
-    dimension); it may be None when only activation checkpointing and/or compile are asked for.
+    dimension); it may be None when only activation checkpointing and/or compile are asked for. `loss_parallel`
+    (with tp) leaves the logits sharded by vocabulary; `param_dtype` and `reduce_dtype` are FSDP2's mixed precision.
     """
     if (tp or fsdp) and mesh is None:
         raise ValueError("tensor parallelism and FSDP need a DeviceMesh")
@@ -52,7 +63,7 @@ def parallelize(
     tp_mesh = mesh["tp"] if two_d else mesh
     dp_mesh = mesh["dp"] if two_d else mesh
     if tp:
-        apply_tensor_parallel(model, tp_mesh)
+        apply_tensor_parallel(model, tp_mesh, loss_parallel)
     if activation_checkpointing:
         for i, block in enumerate(model.layers):
             model.layers[i] = checkpoint_wrapper(block)
@@ -60,9 +71,10 @@ def parallelize(
         for block in model.layers:
             block.compile()
     if fsdp:
+        mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
         for block in model.layers:
-            fully_shard(block, mesh=dp_mesh)
-        fully_shard(model, mesh=dp_mesh)
+            fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy)
+        fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy)
     return model
 
 
@@ -74,7 +86,7 @@ def check_tp_size(cfg: ModelConfig, size: int) -> None:
             raise ValueError(f"tensor parallel size {size} does not divide {what} ({n})")
 
 
-def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool = False) -> None:
     check_tp_size(model.cfg, tp_mesh.size())
     tied = model.output.weight is model.tok_embeddings.weight
     parallelize_module(
@@ -82,7 +94,8 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
         tp_mesh,
         {
             "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-            "output": ColwiseParallel(output_layouts=Replicate()),
+            "output": ColwiseParallel(output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                      use_local_output=not loss_parallel),
         },
     )
     if tied:  # both are Shard(0) DTensors of the same matrix now; make them one parameter again

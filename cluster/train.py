@@ -25,7 +25,7 @@ from athanor.model.lora import trainable_parameters
 from athanor.pipelines.tokenizer import Tokenizer
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .inference import training_precision
+from .inference import compute_dtype, training_precision
 from .objective import objective_for
 from .parallelize import build_mesh, clip_grad_norm_, parallelize
 from .schedule import lr_at
@@ -158,12 +158,29 @@ def rank_share(n: int, dp_rank: int, dp: int) -> tuple[list[int], list[int]]:
     return mine, mine + [mine[-1] if mine else n - 1] * (per_rank - len(mine))
 
 
+def forward_precision(model: torch.nn.Module, t: TrainConfig):
+    """The precision of every forward pass of the loop, train steps and evaluation alike (`training_precision`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    device = next(model.parameters()).device
+    return training_precision(device, t.mixed_precision, fsdp=isinstance(model, FSDPModule))
+
+
+def vocab_parallel(t: TrainConfig):
+    """loss_parallel() where tensor parallelism leaves the logits sharded by vocabulary (`build_parallel_model`):
+    cross-entropy on the shards. It must cover the backward as well as the forward."""
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel() if t.tp_size > 1 else nullcontext()
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, eval_set: EvalSet, dp_rank: int, dp: int, t: TrainConfig) -> dict[str, float]:
     """Loss (mean nats per token) and bits per byte of a set, its windows split across the dp ranks.
 
-    Every rank runs the same number of forward passes (FSDP and TP gather weights collectively): a rank whose share
-    is short repeats its last window with weight zero.
+    The forward passes are training's: the same precision, the same cross-entropy (`token_nll`, on vocabulary
+    shards under TP), so that val_loss and loss are one computation. Every rank runs the same number of them (FSDP
+    and TP gather weights collectively): a rank whose share is short repeats its last window with weight zero.
     """
     import torch.distributed as dist
 
@@ -172,8 +189,9 @@ def evaluate(model: torch.nn.Module, eval_set: EvalSet, dp_rank: int, dp: int, t
     mine, padded = rank_share(len(eval_set.windows), dp_rank, dp)
     windows = [eval_set.windows[i] for i in padded]
     masks = [eval_set.masks[i] for i in padded] if eval_set.masks else None
-    scores = score_windows(model, windows, [len(w) - 1 for w in windows], batch_size=t.micro_batch_size,
-                           target_masks=masks)
+    with forward_precision(model, t), vocab_parallel(t):
+        scores = score_windows(model, windows, [len(w) - 1 for w in windows], batch_size=t.micro_batch_size,
+                               target_masks=masks)
     total = torch.zeros(3, dtype=torch.float64)
     for i, s in zip(mine, scores):
         total += torch.tensor([-s.logprob, s.n_scored, eval_set.n_bytes[i]], dtype=torch.float64)
@@ -286,7 +304,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if t.system_metrics:
             stop_system_metrics = system_metrics_in_background(config["mlflow_uri"], config["mlflow_run_id"])
 
-    autocast = training_precision(device)
     if step == 0 and objective.measures_start:  # fine-tuning: where the base model starts, as step 0
         start = {k: v for eval_set in eval_sets for k, v in _eval_metrics(model, eval_set, dp_rank, dp, t).items()}
         start.update(objective.extra_eval(model, dp_rank, dp, t))
@@ -304,10 +321,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss_sum = torch.zeros((), device=device)
         for i in range(accum):
             sl = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
-            with _gradient_sync(model, i == accum - 1), autocast:
-                loss = objective.micro_loss(model, on_device, sl, accum, dp)
-                loss.backward()
-            loss_sum += loss.detach()
+            loss_sum += micro_step(model, objective, on_device, sl, accum, dp, t, sync=i == accum - 1)
         grad_norm = clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -373,8 +387,10 @@ def build_parallel_model(mcfg: ModelConfig, t: TrainConfig, device: torch.device
     if world == 1:  # nothing to shard or synchronize: FSDP2 over one rank only adds DTensor overhead (bench_train.py)
         return parallelize(model, None, activation_checkpointing=t.activation_checkpointing, compile=t.compile)
     mesh = build_mesh(device.type, world, t.tp_size)
+    # TP leaves the logits sharded by vocabulary (loss parallel); FSDP2 computes in bf16 where training does
     parallelize(model, mesh, tp=t.tp_size > 1, fsdp=t.data_parallel == "fsdp",
-                activation_checkpointing=t.activation_checkpointing, compile=t.compile)
+                activation_checkpointing=t.activation_checkpointing, compile=t.compile, loss_parallel=True,
+                param_dtype=compute_dtype(t.mixed_precision, device), reduce_dtype=torch.float32)
     if t.data_parallel == "ddp":
         model = _DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
@@ -388,6 +404,17 @@ class _DDP(torch.nn.parallel.DistributedDataParallel):
 
     def num_params(self) -> int:
         return self.module.num_params()
+
+
+def micro_step(model, objective, batch: dict, sl: slice, accum: int, dp: int, t: TrainConfig, sync: bool):
+    """One micro-batch's forward and backward; returns its loss, detached. The forward runs in the loop's precision
+    (`forward_precision`, as evaluation's does), the backward outside autocast (PyTorch's AMP recipe), both under
+    loss_parallel when TP shards the logits by vocabulary."""
+    with _gradient_sync(model, sync), vocab_parallel(t):
+        with forward_precision(model, t):
+            loss = objective.micro_loss(model, batch, sl, accum, dp)
+        loss.backward()
+    return loss.detach()
 
 
 def _gradient_sync(model: torch.nn.Module, sync: bool):

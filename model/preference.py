@@ -56,7 +56,12 @@ def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
     mask = mask.bool()
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     index = targets.masked_fill(~mask, 0).long().unsqueeze(-1)  # a valid row index where the target is not read
-    token_logps = logits.gather(-1, index).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    if hasattr(logits, "to_local"):  # a DTensor sharded by vocabulary (loss-parallel TP): cross-entropy on the shards
+        from athanor.model.transformer import token_nll
+
+        token_logps = -token_nll(logits, index.squeeze(-1))
+    else:
+        token_logps = logits.gather(-1, index).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     logps = torch.where(mask, token_logps, 0.0).sum(-1)
     n_tokens = mask.sum(-1)
     if length_normalize:

@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from athanor.model.transformer import token_nll
 
 LN2 = math.log(2)
 
@@ -45,18 +46,38 @@ class WindowScore:
 
 def _batch_logprobs(model: torch.nn.Module, windows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
     """Right-padded forward of a batch: (target log-probs [B, T], argmax hits [B, T]). Causal attention means the
-    padding after a window changes nothing before it, so no mask is needed."""
+    padding after a window changes nothing before it, so no mask is needed. The log-probs are the training loss's
+    own computation (`token_nll`); logits sharded by vocabulary (the training loop's evaluation under loss-parallel
+    tensor parallelism, inside loss_parallel()) are never gathered."""
     width = max(len(w) for w in windows)
     tokens = torch.full((len(windows), width), pad_id, dtype=torch.long)
     for i, w in enumerate(windows):
         tokens[i, : len(w)] = torch.as_tensor(w, dtype=torch.long)
     tokens = tokens.to(device)
-    logits = model(tokens[:, :-1]).float()
+    logits = model(tokens[:, :-1])
     targets = tokens[:, 1:]
-    logprobs = F.log_softmax(logits, dim=-1)
-    target_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    hits = logits.argmax(dim=-1) == targets
+    target_lp = -token_nll(logits, targets)
+    hits = _argmax(logits) == targets
     return target_lp.cpu(), hits.cpu()
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1); on logits sharded by vocabulary (a DTensor on a 1-D mesh) without gathering them: each
+    rank's first maximum, then the first rank holding the largest (the ranks' slices are consecutive, so that is the
+    first maximum overall, as argmax takes it)."""
+    if not hasattr(logits, "to_local"):
+        return logits.argmax(-1)
+    import torch.distributed as dist
+
+    group = logits.device_mesh.get_group()
+    n = dist.get_world_size(group)
+    value, index = logits.to_local().max(-1)
+    values, indices = [torch.empty_like(value) for _ in range(n)], [torch.empty_like(index) for _ in range(n)]
+    dist.all_gather(values, value, group=group)
+    dist.all_gather(indices, index, group=group)
+    offsets = -(-logits.shape[-1] // n) * torch.arange(n, device=index.device)  # Shard(-1) slices as torch.chunk's
+    best = torch.stack(values).argmax(0, keepdim=True)
+    return (torch.stack(indices) + offsets[:, None, None]).gather(0, best)[0]
 
 
 @torch.no_grad()

@@ -25,6 +25,22 @@ from athanor.model.moe import MoE
 IGNORE_INDEX = -100
 
 
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+    """Cross-entropy of `targets` [B, T] under `logits` [B, T, vocab], in fp32 whatever the logits' dtype (targets
+    of IGNORE_INDEX count 0): per token [B, T] ("none"), or "sum" / "mean". The one loss computation of training,
+    evaluation and scoring, so that `loss` and `val_loss` are the same number on the same batch.
+
+    Logits sharded by vocabulary (a DTensor: loss-parallel tensor parallelism) need
+    torch.distributed.tensor.parallel.loss_parallel() around this call and its backward; cross-entropy then runs on
+    the shards. The result is a plain tensor either way (each tensor-parallel rank holds the whole value).
+    """
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                         reduction=reduction)
+    if hasattr(ce, "to_local"):  # a DTensor (not imported here: torch.distributed.tensor takes seconds to import)
+        ce = ce.to_local()  # replicated over the tensor-parallel ranks
+    return ce.view(targets.shape) if reduction == "none" else ce
+
+
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [max_seq_len, head_dim] in float32, each frequency repeated over both halves (HF layout)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
@@ -213,8 +229,9 @@ class Transformer(nn.Module):
         return torch.stack(losses).sum()
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean token cross-entropy (targets of -100 ignored), plus moe_aux_loss_coef * aux_loss() for MoE models."""
-        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        """Mean token cross-entropy (targets of -100 ignored; `token_nll`, vocabulary-sharded logits too), plus
+        moe_aux_loss_coef * aux_loss() for MoE models."""
+        ce = token_nll(logits, targets, "mean")
         if self.cfg.moe_num_experts:
             ce = ce + self.cfg.moe_aux_loss_coef * self.aux_loss()
         return ce
