@@ -209,10 +209,17 @@ class DedupConfig(_Section):
     num_bands: int = Field(14, ge=1)
     rows_per_band: int = Field(8, ge=1)
     seed: int = 1  # datasketch's default seed, so signatures match datasketch.MinHash(num_perm, seed)
-    shuffle_partitions: int = Field(4, ge=1)  # partitions of the dedup groupbys (hash and LSH-bucket shuffles)
+    shuffle_partitions: int = Field(4, ge=1)  # partitions of the dedup groupbys (hash, LSH-bucket, doc_id join)
     # Exact Jaccard of the two shingle sets a candidate pair must reach to count as duplicates; None trusts LSH.
     jaccard_threshold: float | None = Field(None, ge=0.0, le=1.0)
     max_component_rounds: int = Field(64, ge=1)  # large-star/small-star rounds before giving up (O(log n) needed)
+    # Inputs of at most this many documents are deduplicated in one Ray task (exact: one hash table; near: signatures,
+    # LSH buckets, Jaccard check and component rounds in one process) instead of Ray Data groupbys, whose fixed cost
+    # (shuffles, several component rounds) dominates small inputs. Same output bytes and stats either way; 0 always
+    # uses the groupbys. The task holds these documents' text and signatures: at 100 k real documents (118 MB of
+    # text) it takes ~11 s and ~0.5 GB on one busy core, where the groupbys on 2 CPUs already take ~29x the single
+    # task's time at 30 k (bench/bench_dedup.py); the bound keeps one task's memory and run time modest.
+    single_task_max_docs: int = Field(100_000, ge=0)
 
     @property
     def num_perm(self) -> int:

@@ -94,10 +94,10 @@ def dedup_stage(cfg: AthanorConfig, layout: RunLayout) -> Stage:
 
     def run(ds: ray.data.Dataset) -> ray.data.Dataset:
         if not d.minhash:
-            return mark_exact_duplicates(ds, d.shuffle_partitions)
+            return mark_exact_duplicates(ds, d.shuffle_partitions, d.single_task_max_docs)
         if not d.exact:
             return mark_near_duplicates_stage(ds, d, layout)
-        exact = mark_exact_duplicates(ds, d.shuffle_partitions).materialize()
+        exact = mark_exact_duplicates(ds, d.shuffle_partitions, d.single_task_max_docs).materialize()
         duplicates = exact.map_batches(_only_dropped, batch_format="pyarrow").map_batches(_with_near_dup_of,
                                                                                            batch_format="pyarrow")
         near = mark_near_duplicates_stage(exact.map_batches(kept_rows, batch_format="pyarrow"), d, layout)

@@ -9,8 +9,15 @@ brings both shingle sets to each pair through two more groupbys and drops pairs 
 Components are found by large-star/small-star (Kiveris et al. 2014) as groupbys over the edge dataset, so no process
 holds every edge; `duplicate_roots` (union-find on one process) is kept as the reference the tests compare against.
 The smallest doc_id of each component survives; the others are `near_duplicate`, with `near_dup_of` naming the
-survivor. Documents shorter than one shingle have no signature and are never candidates. The cluster report (size
+survivor. The documents meet their survivors in a groupby "join" on a hash of doc_id (documents and (doc_id, dup_of)
+rows in one dataset, one group per partition), so a task holds its partition's share of the map, never all of it.
+Documents shorter than one shingle have no signature and are never candidates. The cluster report (size
 distribution, candidate pairs, pairs removed by the Jaccard check) goes to stats/near_dedup_clusters.json.
+
+Inputs of at most `single_task_max_docs` documents skip the groupbys, whose fixed cost dominates small inputs: one
+task computes the same signatures and band keys, groups buckets by sorting, runs the same Jaccard arithmetic and the
+same large-star/small-star rounds in memory (`near_duplicates_in_process`), and a map marks the documents from its
+roots. Same survivors, columns, drop reasons and report as the groupbys.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from datasketch import MinHash
+import xxhash
 from ray.data.expressions import col
 
 from athanor.config import DedupConfig
@@ -244,6 +251,8 @@ class MinHasher:
     """Many documents' signatures in one compiled pass, with datasketch's permutations for (num_perm, seed)."""
 
     def __init__(self, num_perm: int, seed: int):
+        from datasketch import MinHash  # here: importing it (scipy) costs a worker ~1 s, and only this needs it
+
         a, b = MinHash(num_perm=num_perm, seed=seed).permutations  # the library's permutations, not a copy
         self.a = np.asarray(a, dtype=np.uint32)
         self.b = np.asarray(b, dtype=np.uint32)
@@ -471,11 +480,106 @@ def duplicate_roots(edges: list[tuple[str, str]]) -> dict[str, str]:
     return {x: find(x) for x in list(parent) if find(x) != x}
 
 
-# --- The stage ---
+# --- One task: the same survivors and report for inputs of at most DedupConfig.single_task_max_docs ---
+
+
+def _lsh_edges(ranks: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """bucket_edges + distinct_partners on doc ranks (rank order = doc_id order): (pairs, 2) int64 rows
+    (doc, smallest doc of a shared band bucket), each pair once, sorted."""
+    n = int(ranks.max()) + 1 if len(ranks) else 0
+    codes = []
+    for band in range(keys.shape[1]):
+        order = np.lexsort((ranks, keys[:, band]))
+        k, r = keys[order, band], ranks[order]
+        fresh = np.ones(len(k), dtype=bool)
+        fresh[1:] = (k[1:] != k[:-1]) | (r[1:] != r[:-1])  # the same doc twice in a bucket is one member
+        k, r = k[fresh], r[fresh]
+        first = np.ones(len(k), dtype=bool)
+        first[1:] = k[1:] != k[:-1]
+        smallest = r[np.flatnonzero(first)[np.cumsum(first) - 1]]  # each row's bucket's smallest rank
+        codes.append(r[~first] * n + smallest[~first])
+    codes = np.unique(np.concatenate(codes)) if codes else np.zeros(0, dtype=np.int64)
+    return np.stack([codes // max(n, 1), codes % max(n, 1)], axis=1)
+
+
+def star_components(pairs: list[tuple[int, int]], max_rounds: int) -> tuple[dict[int, int], int, dict[int, int]]:
+    """large_star / small_star as `connected_components` runs them, on one process: the same mapping {node: smallest
+    node of its component}, the same number of rounds and the same {component size: components}."""
+    edges = set(pairs)
+    for round_ in range(1, max_rounds + 1):
+        neighbours: dict[int, set[int]] = {}
+        for a, b in edges:
+            neighbours.setdefault(a, set()).add(b)
+            neighbours.setdefault(b, set()).add(a)
+        stars, unstable = set(), False
+        for u, adjacent in neighbours.items():
+            m = min(min(adjacent), u)
+            stars.update((v, m) for v in adjacent if v > u)
+            if m != u and len(adjacent) > 1:
+                stars.add((u, m))
+                unstable = True
+        if not unstable:  # a forest of stars: every edge is a leaf and its root
+            roots = dict(stars)
+            return roots, round_, dict(sorted(Counter(len(neighbours[m]) + 1 for m in set(roots.values())).items()))
+        smaller: dict[int, set[int]] = {}
+        for a, b in stars:
+            smaller.setdefault(a, set()).add(b)
+        edges = {(v, min(adjacent)) for u, adjacent in smaller.items() for v in adjacent | {u} if v != min(adjacent)}
+    raise RuntimeError(f"connected components did not converge in {max_rounds} rounds")
+
+
+def near_duplicates_in_process(blocks: list[pa.Table], cfg: DedupConfig, hasher: MinHasher | None = None
+                               ) -> tuple[pa.Table, dict]:
+    """Everything `mark_near_duplicates_stage` computes with groupbys, on one process: the (doc_id, dup_of) roots of
+    every near-duplicate (sorted by doc_id) and the cluster report, equal to the distributed path's.
+
+    Signatures, band keys, bucket stars, the exact Jaccard and the component rounds are the same functions or the
+    same arithmetic on the same values; only the grouping is numpy sorting instead of shuffles. `hasher` (built for
+    cfg's num_perm and seed when None) lets the driver hand the task its permutations.
+    """
+    hasher = hasher or MinHasher(cfg.num_perm, cfg.seed)
+    doc_ids, keys, shingle_sets = [], [], []
+    for block in blocks:
+        if not block.num_rows:
+            continue
+        buf, starts, ends, doc_offsets = shingle_spans(normalize_texts(block["text"]), cfg.ngram)
+        hashes = sha1_hash32(buf, starts, ends)
+        has_shingles = np.diff(doc_offsets) > 0
+        sig = hasher.signatures(hashes, doc_offsets)
+        keys.append(band_buckets(sig[has_shingles], cfg.num_bands, cfg.rows_per_band))
+        doc_ids += [d for d, has in zip(block["doc_id"].to_pylist(), has_shingles) if has]
+        if cfg.jaccard_threshold is not None:
+            shingle_sets += [np.unique(hashes[lo:hi]) for lo, hi, has in
+                             zip(doc_offsets[:-1], doc_offsets[1:], has_shingles) if has]
+    names, ranks = np.unique(np.array(doc_ids, dtype=object), return_inverse=True)  # rank order = doc_id order
+    ranks = ranks.astype(np.int64)
+    pairs = _lsh_edges(ranks, np.concatenate(keys) if keys else np.zeros((0, cfg.num_bands), np.uint64))
+    report = {"documents": sum(b.num_rows for b in blocks), "candidate_pairs": len(pairs),
+              "jaccard_threshold": cfg.jaccard_threshold, "pairs_removed_by_jaccard": 0}
+    if cfg.jaccard_threshold is not None and len(pairs):
+        sets = dict(zip(ranks.tolist(), shingle_sets))
+        scores = [len(np.intersect1d(sets[b], sets[a], assume_unique=True)) / len(np.union1d(sets[b], sets[a]))
+                  for a, b in pairs.tolist()]  # pair_jaccard's arithmetic, from the smaller doc's side
+        pairs = pairs[np.array(scores) >= cfg.jaccard_threshold]
+        report["pairs_removed_by_jaccard"] = report["candidate_pairs"] - len(pairs)
+    roots, rounds, sizes = (star_components(map(tuple, pairs.tolist()), cfg.max_component_rounds) if len(pairs)
+                            else ({}, 0, {}))
+    report.update({"component_rounds": rounds, "duplicates": len(roots), "clusters": sum(sizes.values()),
+                   "cluster_sizes": {str(k): v for k, v in sizes.items()}})
+    ordered = sorted(roots.items())
+    table = pa.table({"doc_id": [names[a] for a, _ in ordered], "dup_of": [names[b] for _, b in ordered]},
+                     schema=EDGE_SCHEMA)
+    return table, report
+
+
+@ray.remote(num_cpus=1, num_returns=2)
+def _near_duplicates_task(cfg: DedupConfig, hasher: MinHasher, *blocks: pa.Table) -> tuple[pa.Table, dict]:
+    return near_duplicates_in_process(list(blocks), cfg, hasher)
 
 
 def mark_near_duplicates(batch: pa.Table, roots: list[ray.ObjectRef]) -> pa.Table:
-    """Ray Data UDF: look each doc_id up in the (doc_id, dup_of) survivor blocks (a broadcast join on duplicates)."""
+    """Ray Data UDF: look each doc_id up in the (doc_id, dup_of) roots. Only the single-task path uses it: its roots
+    are at most `single_task_max_docs` rows; above that, `join_near_duplicates` brings each task only its share."""
     mapping = pa.concat_tables(ray.get(roots)) if roots else EDGE_SCHEMA.empty_table()
     at = pc.index_in(batch["doc_id"], value_set=mapping["doc_id"])
     dup_of = pc.take(mapping["dup_of"], at) if mapping.num_rows else pa.nulls(batch.num_rows, pa.string())
@@ -483,12 +587,89 @@ def mark_near_duplicates(batch: pa.Table, roots: list[ray.ObjectRef]) -> pa.Tabl
     return mark(out, [None if r is None else "near_duplicate" for r in out["near_dup_of"].to_pylist()])
 
 
+# --- Marking without a broadcast: documents and roots meet in doc_id hash partitions (a groupby "join") ---
+
+JOIN_PART, JOIN_IS_ROOT = "_near_dup_partition", "_near_dup_is_root"  # temporary columns of the join
+
+
+def doc_id_partition(doc_ids: pa.Array | pa.ChunkedArray, partitions: int) -> pa.Array:
+    """A doc_id's join partition: the same on every worker and run (xxh3, not Python's salted hash)."""
+    return pa.array([xxhash.xxh3_64_intdigest(d.encode()) % partitions for d in doc_ids.to_pylist()], pa.int64())
+
+
+def keyed_documents(batch: pa.Table, partitions: int) -> pa.Table:
+    """Documents as join rows: their own columns, `near_dup_of` (null until joined), partition, not a root."""
+    out = batch.append_column("near_dup_of", pa.nulls(batch.num_rows, pa.string()))
+    out = out.append_column(JOIN_PART, doc_id_partition(batch["doc_id"], partitions))
+    return out.append_column(JOIN_IS_ROOT, pa.array(np.zeros(batch.num_rows, dtype=bool)))
+
+
+def keyed_roots(roots: pa.Table, schema: pa.Schema, partitions: int) -> pa.Table:
+    """(doc_id, dup_of) roots in the shape of keyed_documents' rows (`schema`): the documents' columns null but
+    doc_id, `near_dup_of` = dup_of, flagged as roots."""
+    n = roots.num_rows
+    columns = {JOIN_PART: doc_id_partition(roots["doc_id"], partitions),
+               JOIN_IS_ROOT: pa.array(np.ones(n, dtype=bool)), "near_dup_of": roots["dup_of"]}
+    arrays = [roots["doc_id"].cast(f.type) if f.name == "doc_id" else columns.get(f.name, pa.nulls(n, f.type))
+              for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def join_partition(group: pa.Table, columns: list[str]) -> pa.Table:
+    """One partition's documents and roots: each document gets its survivor (or null) and its mark. `columns` are the
+    documents' own columns, in order; the output is what `mark_near_duplicates` gives for the same documents."""
+    is_root = group[JOIN_IS_ROOT]
+    docs, roots = group.filter(pc.invert(is_root)), group.filter(is_root)
+    at = pc.index_in(docs["doc_id"], value_set=roots["doc_id"])
+    out = docs.select(columns).append_column("near_dup_of", pc.take(roots["near_dup_of"], at).cast(pa.string()))
+    return mark(out, [None if r is None else "near_duplicate" for r in out["near_dup_of"].to_pylist()])
+
+
+def join_near_duplicates(ds: ray.data.Dataset, roots: ray.data.Dataset, cfg: DedupConfig,
+                         join_fn=join_partition) -> ray.data.Dataset:
+    """Documents left-joined with their (doc_id, dup_of) roots on doc_id, as one groupby over both, hash-partitioned
+    into `shuffle_partitions` parts: a task holds one part's documents and roots, never the whole mapping."""
+    parts = cfg.shuffle_partitions
+    schema = ds.schema(fetch_if_missing=True).base_schema
+    columns = schema.names
+    keyed = ds.map_batches(keyed_documents, fn_kwargs={"partitions": parts}, batch_format="pyarrow")
+    joined_schema = (schema.append(pa.field("near_dup_of", pa.string())).append(pa.field(JOIN_PART, pa.int64()))
+                     .append(pa.field(JOIN_IS_ROOT, pa.bool_())))
+    root_rows = roots.select_columns(["doc_id", "dup_of"]).map_batches(
+        keyed_roots, fn_kwargs={"schema": joined_schema, "partitions": parts}, batch_format="pyarrow")
+    return (
+        keyed.union(root_rows)
+        .groupby(JOIN_PART, num_partitions=parts)
+        .map_groups(join_fn, fn_kwargs={"columns": columns}, batch_format="pyarrow")
+    )
+
+
+# --- The stage ---
+
+
+def _no_near_duplicates(batch: pa.Table) -> pa.Table:
+    return mark_near_duplicates(batch, [])
+
+
 def mark_near_duplicates_stage(ds: ray.data.Dataset, cfg: DedupConfig, layout: RunLayout | None = None
                                ) -> ray.data.Dataset:
-    """Mark near-duplicates; the cluster report (sizes, candidate pairs, Jaccard removals) goes to the run's stats."""
+    """Mark near-duplicates; the cluster report (sizes, candidate pairs, Jaccard removals) goes to the run's stats.
+
+    Up to `cfg.single_task_max_docs` documents, one task finds the roots (near_duplicates_in_process) and a map marks
+    the documents from them; above, the groupbys find them and a groupby join marks the documents. Same output.
+    """
     ds = ds.materialize()
+    documents = ds.count()
+    if cfg.single_task_max_docs and documents <= cfg.single_task_max_docs:  # 0: always the groupbys
+        hasher = MinHasher(cfg.num_perm, cfg.seed)  # on the driver, which has datasketch loaded already
+        roots_ref, report_ref = _near_duplicates_task.remote(cfg, hasher, *ds.to_arrow_refs())
+        report = ray.get(report_ref)
+        if layout is not None:
+            write_json(layout.stats(CLUSTER_REPORT), report)
+        refs = [roots_ref] if report["duplicates"] else []
+        return ds.map_batches(mark_near_duplicates, fn_kwargs={"roots": refs}, batch_format="pyarrow")
     pairs = candidate_pairs(ds, cfg).materialize()
-    report = {"documents": ds.count(), "candidate_pairs": pairs.count(), "jaccard_threshold": cfg.jaccard_threshold,
+    report = {"documents": documents, "candidate_pairs": pairs.count(), "jaccard_threshold": cfg.jaccard_threshold,
               "pairs_removed_by_jaccard": 0}
     if cfg.jaccard_threshold is not None and report["candidate_pairs"]:
         scored = jaccard_scored_pairs(pairs, ds, cfg)
@@ -500,5 +681,6 @@ def mark_near_duplicates_stage(ds: ray.data.Dataset, cfg: DedupConfig, layout: R
                    "cluster_sizes": {str(k): v for k, v in sizes.items()}})
     if layout is not None:
         write_json(layout.stats(CLUSTER_REPORT), report)
-    refs = roots.to_arrow_refs() if report["duplicates"] else []
-    return ds.map_batches(mark_near_duplicates, fn_kwargs={"roots": refs}, batch_format="pyarrow")
+    if not report["duplicates"]:
+        return ds.map_batches(_no_near_duplicates, batch_format="pyarrow")
+    return join_near_duplicates(ds, roots, cfg)
