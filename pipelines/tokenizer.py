@@ -19,7 +19,7 @@ import sentencepiece as spm
 import xxhash
 
 from athanor import storage
-from athanor.config import AthanorConfig
+from athanor.config import AthanorConfig, ConfigError
 from athanor.console import say
 from athanor.layout import RunLayout
 from athanor.storage import Location
@@ -33,8 +33,9 @@ MAX_SENTENCE_BYTES = 1 << 16
 _SAMPLE_SLACK_SIGMAS = 6
 
 
-class TokenizerTrainingError(RuntimeError):
-    """The corpus cannot train the requested tokenizer (empty, or too small for vocab_size)."""
+class TokenizerTrainingError(ConfigError):
+    """The corpus cannot train the requested tokenizer (empty, or too small for vocab_size): a config or input
+    problem, so the CLI reports it in one line."""
 
 
 class Tokenizer:

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -436,9 +437,14 @@ def test_an_installed_wheel_submits_without_a_checkout(tmp_path):
     (and the source tree's tests/ and bench/ are no athanor modules), and `athanor submit` outside a checkout ships
     only the config's folder, for the athanor installed on the cluster."""
     root = Path(__file__).resolve().parent.parent
-    wheels, site, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    source, wheels, site, elsewhere = (tmp_path / d for d in ("source", "wheels", "site", "elsewhere"))
+    source.mkdir()
+    for part in ("pyproject.toml", "README.md", "athanor", "pipelines", "model", "cluster"):  # built outside the
+        copy = shutil.copytree if (root / part).is_dir() else shutil.copy  # checkout: setuptools writes build/
+        copy(root / part, source / part, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                            if (root / part).is_dir() else {}))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-                    str(root)], check=True, capture_output=True, timeout=300)
+                    str(source)], check=True, capture_output=True, timeout=300)
     [wheel] = wheels.glob("athanor-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)
