@@ -190,11 +190,18 @@ def find_checkpoint(path: str | Path) -> Path:
 def newest_trainer_state(folder: storage.Location) -> dict | None:
     """The trainer state of the newest complete checkpoint under `folder` (local or a URI), read without fetching
     its weights; None when there is none."""
-    if not storage.exists(folder):
+    newest = _newest(folder)
+    return newest[1] if newest else None
+
+
+def _newest(root: storage.Location) -> tuple[storage.Location, dict] | None:
+    """(trainer-state file, state) of the newest complete checkpoint (by step) in or under `root`, or None."""
+    if not storage.exists(root):
         return None
-    states = [f for f in storage.glob(folder, TRAINER_STATE_FILE, recursive=True)
-              if f.parent.name.startswith("checkpoint_") and storage.is_file(f.parent / DCP_METADATA)]
-    return max((storage.read_json(f) for f in states), key=lambda s: s["step"], default=None)
+    states = [(f, storage.read_json(f)) for f in storage.glob(root, TRAINER_STATE_FILE, recursive=True)
+              if (f.parent == root or f.parent.name.startswith("checkpoint_"))
+              and storage.is_file(f.parent / DCP_METADATA)]
+    return max(states, key=lambda fs: (fs[1]["step"], fs[0].parent.name), default=None)
 
 
 def resume_problem(state: dict, manifest: dict) -> str | None:
@@ -214,13 +221,10 @@ def resume_problem(state: dict, manifest: dict) -> str | None:
 
 def _fetch_newest(root: storage.Uri) -> Path:
     """The newest checkpoint under a URI (by step), fetched into the node-local cache."""
-    states = [f for f in storage.glob(root, TRAINER_STATE_FILE, recursive=True)
-              if (f.parent == root or f.parent.name.startswith("checkpoint_"))
-              and storage.is_file(f.parent / DCP_METADATA)]
-    if not states:
+    newest = _newest(root)
+    if newest is None:
         raise FileNotFoundError(f"no checkpoint ({TRAINER_STATE_FILE} + DCP {DCP_METADATA}) found in or under {root}")
-    newest = max(states, key=lambda f: (storage.read_json(f)["step"], f.parent.name))
-    return storage.fetch_tree(newest.parent)
+    return storage.fetch_tree(newest[0].parent)
 
 
 def load_model(path: str | Path, device: str = "cpu", merge: bool = True):
