@@ -11,8 +11,8 @@ import signal
 
 import pytest
 from cli_runner import ROOT
-from training_runs import (assert_same_training, effective_steps, finish, fresh_training_dir, records, running,
-                           start_train, train_workers, wait_for)
+from training_runs import (assert_same_training, checkpoint_registered, effective_steps, finish,
+                           fresh_training_dir, records, running, start_train, train_workers, wait_for)
 
 from athanor.config import load_config
 
@@ -99,7 +99,8 @@ def test_stopped_or_killed_driver_relaunched_with_the_same_name_resumes_into_the
     # resumes from the last checkpoint; the steps since are replayed, and count once.
     second = 2 * SMOKE.train.checkpoint_every
     with running(start_train(work)) as proc:
-        wait_for(lambda: max(effective_steps(work), default=0) >= second + 5, proc, 400, "a second checkpoint")
+        wait_for(lambda: max(effective_steps(work), default=0) >= second + 5
+                 and checkpoint_registered(work, SMOKE.run.name, second), proc, 400, "a second checkpoint")
         workers = wait_for(lambda: train_workers(proc.pid), proc, 60, "a training worker to kill")
         workers[-1].send_signal(signal.SIGKILL)
     finish(proc)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from cli_runner import ROOT
-from training_runs import (assert_same_training, effective_steps, finish, records, running, start_train,
-                           stop_after, train_workers, wait_for)
+from training_runs import (assert_same_training, checkpoint_registered, effective_steps, finish, records, running,
+                           start_train, stop_after, train_workers, wait_for)
 
 from athanor.cluster import tracking
 from athanor.config import ModelConfig, load_config
@@ -156,7 +156,8 @@ def test_finetune_survives_a_killed_worker_and_a_stop_resumed_on_one_worker(fine
     base = f"finetune.base={smoke_run[0]}"
     every = FT.train.checkpoint_every
     with running(start_train(work, base, config=FT_CONFIG, command="finetune")) as proc:
-        wait_for(lambda: max(effective_steps(work), default=0) >= every + 3, proc, 400, "steps past a checkpoint")
+        wait_for(lambda: max(effective_steps(work), default=0) >= every + 3
+                 and checkpoint_registered(work, FT.run.name, every), proc, 400, "steps past a checkpoint")
         workers = wait_for(lambda: train_workers(proc.pid), proc, 60, "a training worker to kill")
         workers[-1].send_signal(signal.SIGKILL)
         wait_for(lambda: sum("started" in r for r in records(work)) == 2, proc, 400, "the replaced worker group")

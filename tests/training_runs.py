@@ -48,6 +48,17 @@ def effective_steps(work: Path) -> dict[int, dict]:
     return {rec["step"]: rec for rec in records(work)}
 
 
+def checkpoint_registered(work: Path, run_name: str, step: int) -> bool:
+    """Ray Train has registered the checkpoint of `step` (its checkpoint manager's snapshot names it): a worker group
+    restarted from now on resumes there. The folder alone is not enough: with asynchronous checkpointing it is
+    written before the controller registers it, and a kill in between resumes from the previous one."""
+    snapshot = work / "checkpoints" / run_name / "checkpoint_manager_snapshot.json"
+    try:
+        return f"checkpoint_{step:08d}" in snapshot.read_text()
+    except OSError:
+        return False
+
+
 def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str):
     """Poll until predicate() is truthy; fail with the training output if the process ends or time runs out."""
     deadline = time.time() + timeout
